@@ -1,0 +1,197 @@
+"""``MajorityKernelCallback``: train with k copies of every kernel, save the plain model at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_mk.kernels import (
+    Draws,
+    MajorityKernel,
+    _check_options,
+    apply_majority_kernels,
+    collapse,
+    collapsed_state_dict,
+    copy_spread,
+    has_majority_kernels,
+)
+
+__all__ = ["MajorityKernelCallback"]
+
+
+class MajorityKernelCallback(Callback):
+    """Train the LightningModule with ``k`` copies of every chosen kernel; deploy it at its own size.
+
+    The model is rewritten right after ``configure_model`` (Lightning's last model-building hook, which
+    runs after ``setup``), so layers built there are covered and the optimizer sees the copies.
+    Training steps draw a fresh combination of the copies; validation and test run in eval mode on
+    the mean, so the metrics logged are the deployable model's. At the end of ``fit`` the plain
+    model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads with
+    ``strict=True`` into the user's unmodified LightningModule.
+
+    Args:
+        k: copies per kernel (>= 2).
+        scheme: how a step combines the copies, a name in :data:`lightning_mk.SCHEMES`.
+        init: ``"replicate"`` (copies start at the current weight) or ``"independent"``.
+        include, exclude: module-name globs choosing the layers (e.g. ``exclude=["head"]``).
+        layer_types: layer classes or their names; default all supported.
+        biases: give biases copies too.
+        init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
+        grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``).
+        seed: keys every draw together with the step and the kernel, identically on every rank.
+        save_path: file for the plain ``state_dict``; default ``<log_dir>/small_model.pt``.
+        collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
+            ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
+        log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch.
+    """
+
+    def __init__(
+        self,
+        k: int = 4,
+        scheme: str = "select",
+        init: str = "replicate",
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        layer_types: Optional[Sequence[Union[type, str]]] = None,
+        biases: bool = False,
+        init_noise: float = 0.0,
+        grad_scale: Union[str, float] = "none",
+        seed: int = 0,
+        save_path: Optional[Union[str, os.PathLike]] = None,
+        collapse_module: bool = False,
+        log_spread: bool = True,
+    ) -> None:
+        _check_options(k, scheme, init, grad_scale, init_noise)
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
+        self.k = int(k)
+        self.scheme = scheme
+        self.init = init
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+        self.layer_types = layer_types
+        self.biases = biases
+        self.init_noise = init_noise
+        self.grad_scale = grad_scale
+        self.seed = int(seed)
+        self.save_path = None if save_path is None else os.fspath(save_path)
+        self.collapse_module = collapse_module
+        self.log_spread = log_spread
+        self._draws: Optional[Draws] = None
+        self._step = 0
+        self._collapsed = False
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if sum(isinstance(cb, MajorityKernelCallback) for cb in trainer.callbacks) > 1:
+            raise ValueError("the Trainer has more than one MajorityKernelCallback; use one")
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"MajorityKernelCallback supports single-device and DDP strategies, not {type(strategy).__name__} "
+                "(sharded strategies such as FSDP and DeepSpeed are not supported yet)"
+            )
+        if stage == "fit":
+            self._resolve_save_path(trainer)
+        configure_model = pl_module.configure_model
+
+        def configure_model_then_apply() -> None:  # not functools.wraps: Lightning must see it as overridden
+            _unpatch(pl_module)
+            configure_model()
+            self._apply(pl_module)
+
+        pl_module.configure_model = configure_model_then_apply
+
+    def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
+        if self.save_path is None:
+            self.save_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt")
+        directory = os.path.dirname(os.path.abspath(self.save_path))
+        if not trainer.is_global_zero:
+            return
+        if os.path.isdir(self.save_path):
+            raise ValueError(f"save_path={self.save_path!r} is a directory; give a file path")
+        if trainer.log_dir is not None and directory == os.path.abspath(trainer.log_dir):
+            os.makedirs(directory, exist_ok=True)  # the logger's own run folder: ours to create
+        if not os.path.isdir(directory):
+            raise ValueError(f"the directory of save_path={self.save_path!r} does not exist: create it first")
+        if not os.access(directory, os.W_OK):
+            raise ValueError(f"the directory of save_path={self.save_path!r} is not writable")
+
+    def _apply(self, pl_module: "pl.LightningModule") -> None:
+        if self._draws is not None or self._collapsed:
+            return  # already ours (e.g. trainer.test() after fit)
+        if has_majority_kernels(pl_module):
+            raise ValueError("the model already has majority kernels; MajorityKernelCallback applies them itself")
+        apply_majority_kernels(
+            pl_module,
+            self.k,
+            self.scheme,
+            self.init,
+            include=self.include,
+            exclude=self.exclude,
+            layer_types=self.layer_types,
+            biases=self.biases,
+            init_noise=self.init_noise,
+            grad_scale=self.grad_scale,
+            seed=self.seed,
+            step_on_forward=False,
+        )
+        self._draws = next(m for m in pl_module.modules() if isinstance(m, MajorityKernel)).draws
+        self._draws.step = self._step
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._step += 1
+        self._draws.step = self._step
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.log_spread and self._draws is not None:
+            spread = copy_spread(pl_module)
+            metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
+            metrics["mk/spread"] = sum(spread.values()) / len(spread)
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.is_global_zero:
+            _save_atomically(collapsed_state_dict(pl_module), self.save_path)
+            rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
+        trainer.strategy.barrier("majority_kernels_saved")
+        if self.collapse_module:
+            collapse(pl_module)
+            self._collapsed = True
+            self._draws = None
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        _unpatch(pl_module)  # if the run failed between setup and configure_model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "scheme": self.scheme, "init": self.init, "seed": self.seed, "step": self._step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # k and scheme were already checked when the model's state was loaded (MajorityKernel.set_extra_state)
+        self._step = state_dict["step"]
+        if self._draws is not None:
+            self._draws.step = self._step
+
+
+def _unpatch(pl_module: "pl.LightningModule") -> None:
+    pl_module.__dict__.pop("configure_model", None)
+
+
+def _save_atomically(state_dict: dict, path: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".small_model.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state_dict, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

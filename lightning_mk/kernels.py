@@ -1,0 +1,362 @@
+"""Majority Kernels on any ``nn.Module``, without Lightning.
+
+Each chosen kernel ``W`` (shape ``S``) becomes one trainable tensor of ``k`` copies (``[k, *S]``),
+attached with :mod:`torch.nn.utils.parametrize`: in training mode the layer sees a random
+combination of the copies drawn by a :class:`~lightning_mk.schemes.Scheme`, in eval mode their
+mean. :func:`collapse` turns the module back into the user's plain architecture holding the means.
+
+Draws are keyed by ``(seed, step, kernel index)``, so every process of a data-parallel run samples
+the same coefficients with no communication, tied weights share one draw, and a re-run forward
+(activation checkpointing) sees the same kernel.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_mk.schemes import get_scheme
+
+__all__ = [
+    "MajorityKernel",
+    "Draws",
+    "SUPPORTED_LAYERS",
+    "INITS",
+    "GRAD_SCALES",
+    "apply_majority_kernels",
+    "collapse",
+    "collapsed_state_dict",
+    "kernel_copies",
+    "copy_spread",
+    "has_majority_kernels",
+]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ATTENTION_KERNELS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+#: Layer type -> (kernel parameter names, bias parameter names). ``MultiheadAttention.out_proj`` is an
+#: ``nn.Linear`` and is handled as one, under its own module name (``<attn>.out_proj``).
+SUPPORTED_LAYERS: dict[type[nn.Module], tuple[tuple[str, ...], tuple[str, ...]]] = {
+    nn.Linear: (("weight",), ("bias",)),
+    **{conv: (("weight",), ("bias",)) for conv in _CONV},
+    nn.Embedding: (("weight",), ()),
+    nn.Bilinear: (("weight",), ("bias",)),
+    nn.MultiheadAttention: (_ATTENTION_KERNELS, ("in_proj_bias",)),
+}
+INITS = ("replicate", "independent")
+GRAD_SCALES = ("none", "k", "matched")
+
+
+class Draws:
+    """The seed and draw counter shared by all kernels of one model.
+
+    As a forward pre-hook on the root module it advances the counter once per training forward; the
+    Lightning callback instead sets ``step`` itself once per training batch.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.step = 0
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module.training:
+            self.step += 1
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale``: changes the copies' learning rate, not the value."""
+
+    @staticmethod
+    def forward(ctx, copies: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return copies.view_as(copies)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class MajorityKernel(nn.Module):
+    """Parametrization ``[k, *S] -> S``: a random combination of the copies in training, their mean in eval."""
+
+    def __init__(self, k: int, scheme: str, index: int, draws: Draws, grad_scale: float = 1.0) -> None:
+        super().__init__()
+        self.k = k
+        self.scheme = scheme
+        self.index = index
+        self.draws = draws
+        self.grad_scale = grad_scale
+        self._scheme = get_scheme(scheme)
+
+    def forward(self, copies: Tensor) -> Tensor:
+        if not self.training:
+            return copies.mean(0)
+        if self.grad_scale != 1.0:
+            copies = _ScaleGrad.apply(copies, self.grad_scale)
+        generator = torch.Generator(copies.device)
+        generator.manual_seed(hash((self.draws.seed, self.draws.step, self.index)) & (2**63 - 1))
+        return self._scheme.combine(copies, generator)
+
+    def get_extra_state(self) -> dict:
+        return {"k": self.k, "scheme": self.scheme}
+
+    def set_extra_state(self, state: dict) -> None:
+        if (state["k"], state["scheme"]) != (self.k, self.scheme):
+            raise ValueError(
+                f"the state being loaded has majority kernels with k={state['k']}, scheme={state['scheme']!r}, "
+                f"but this model has k={self.k}, scheme={self.scheme!r}; use the same k and scheme to resume"
+            )
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, scheme={self.scheme!r}, index={self.index}, grad_scale={self.grad_scale:g}"
+
+
+def _check_options(k: int, scheme: str, init: str, grad_scale: Union[str, float], init_noise: float) -> float:
+    """Validate the options shared by the callback and :func:`apply_majority_kernels`; return the
+    gradient scale as a number."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
+        raise ValueError(f"k must be an integer >= 2 (the number of copies of each kernel), got {k!r}")
+    scheme_ = get_scheme(scheme)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid inits: {list(INITS)}")
+    if isinstance(init_noise, bool) or not isinstance(init_noise, numbers.Real) or init_noise < 0:
+        raise ValueError(f"init_noise must be a number >= 0, got {init_noise!r}")
+    if isinstance(grad_scale, str):
+        if grad_scale not in GRAD_SCALES:
+            raise ValueError(f"unknown grad_scale {grad_scale!r}; valid: {list(GRAD_SCALES)} or a number > 0")
+        return {"none": 1.0, "k": float(k), "matched": 1.0 / scheme_.second_moment(k)}[grad_scale]
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) or grad_scale <= 0:
+        raise ValueError(f"grad_scale must be one of {list(GRAD_SCALES)} or a number > 0, got {grad_scale!r}")
+    return float(grad_scale)
+
+
+def _layer_types(layer_types: Optional[Sequence[Union[type, str]]]) -> tuple[type[nn.Module], ...]:
+    if layer_types is None:
+        return tuple(SUPPORTED_LAYERS)
+    by_name = {t.__name__: t for t in SUPPORTED_LAYERS}
+    resolved = []
+    for t in layer_types:
+        t = by_name.get(t, t) if isinstance(t, str) else t
+        if t not in SUPPORTED_LAYERS:
+            raise ValueError(f"unsupported layer type {t!r}; supported: {sorted(by_name)}")
+        resolved.append(t)
+    return tuple(resolved)
+
+
+def _eligible(module: nn.Module, layer_types: tuple[type[nn.Module], ...], biases: bool) -> dict[str, list]:
+    """Layer name -> [(layer, parameter name)] for every trainable kernel (and bias) of a chosen type."""
+    eligible = {}
+    for name, layer in module.named_modules():
+        kind = next((t for t in type(layer).__mro__ if t in layer_types), None)
+        if kind is None:
+            continue
+        kernel_names, bias_names = SUPPORTED_LAYERS[kind]
+        found = []
+        for pname in kernel_names + (bias_names if biases else ()):
+            p = layer._parameters.get(pname)
+            if p is None or not p.requires_grad:
+                continue
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(f"layer {name!r} is lazy and not yet initialised: run one forward before applying")
+            found.append((layer, pname))
+        if found:
+            eligible[name] = found
+    return eligible
+
+
+def _choose(eligible: dict[str, list], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("include and exclude take a list of glob patterns, e.g. include=['encoder.*']")
+    for key, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not fnmatch.filter(eligible, pattern):
+                raise ValueError(
+                    f"{key} pattern {pattern!r} matches no eligible layer; eligible layers: {sorted(eligible)}"
+                )
+    chosen = [
+        name
+        for name in eligible
+        if any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    ]
+    if not chosen:
+        raise ValueError(f"include={list(include)} and exclude={list(exclude)} leave no layer; eligible: {sorted(eligible)}")
+    return chosen
+
+
+def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str, init_noise: float, seed: int, index: int) -> Tensor:
+    w = weight.detach()
+    if init == "replicate":
+        copies = w.unsqueeze(0).repeat(k, *([1] * w.dim()))
+    else:
+        reset = getattr(layer, "reset_parameters", None) or getattr(layer, "_reset_parameters", None)
+        if reset is None:
+            raise ValueError(f"init='independent' needs {type(layer).__name__}.reset_parameters(); use init='replicate'")
+        saved = {name: t.clone() for name, t in layer.state_dict().items()}
+        devices = [] if w.device.type == "cpu" else [w.device]
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=w.device.type):
+            torch.manual_seed(hash((seed, "init", index)) & (2**63 - 1))
+            draws = []
+            for _ in range(k):
+                reset()
+                draws.append(layer._parameters[pname].detach().clone())
+            layer.load_state_dict(saved)
+        copies = torch.stack(draws)
+    if init_noise:
+        # centred over the copies, so the mean (the eval-mode model) is unchanged at step 0
+        generator = torch.Generator(w.device).manual_seed(hash((seed, "noise", index)) & (2**63 - 1))
+        noise = torch.randn(copies.shape, generator=generator, device=w.device, dtype=w.dtype)
+        copies += init_noise * w.pow(2).mean().sqrt() * (noise - noise.mean(0, keepdim=True))
+    return copies
+
+
+def apply_majority_kernels(
+    module: nn.Module,
+    k: int = 4,
+    scheme: str = "select",
+    init: str = "replicate",
+    *,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    layer_types: Optional[Sequence[Union[type, str]]] = None,
+    biases: bool = False,
+    init_noise: float = 0.0,
+    grad_scale: Union[str, float] = "none",
+    seed: int = 0,
+    step_on_forward: bool = True,
+) -> nn.Module:
+    """Give every chosen kernel of ``module`` ``k`` trainable copies, in place; returns ``module``.
+
+    Layers are chosen by type (``layer_types``, default all of :data:`SUPPORTED_LAYERS`) and by module
+    name globs (``include``, ``exclude``). Frozen parameters are left alone. A parameter shared by
+    several layers (tied weights) gets one set of copies and one draw per step.
+
+    ``init="replicate"`` starts every copy at the current weight (plus centred relative noise
+    ``init_noise``): the eval-mode model is unchanged, which is what fine-tuning needs.
+    ``init="independent"`` re-draws each copy with the layer's own initializer: the copies start
+    diverse, but their mean has ``1/sqrt(k)`` of the usual initial scale.
+
+    ``grad_scale`` multiplies the copies' gradients: ``"none"`` (1), ``"k"`` (the mean then moves
+    at the plain model's pace under SGD) or ``"matched"`` (``1 / E[sum a_i^2]``: the sampled kernel
+    moves one plain step per step), or a number.
+
+    With ``step_on_forward`` every training-mode forward of ``module`` draws new coefficients;
+    otherwise the caller advances ``Draws.step`` (the Lightning callback does, once per batch).
+    Optimizers must be created after this call.
+    """
+    scale = _check_options(k, scheme, init, grad_scale, init_noise)
+    if has_majority_kernels(module):
+        raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
+    eligible = _eligible(module, _layer_types(layer_types), biases)
+    if not eligible:
+        raise ValueError(
+            f"{type(module).__name__} has no layer with a trainable kernel of a supported type "
+            f"({sorted(t.__name__ for t in SUPPORTED_LAYERS)})"
+        )
+    users: dict[int, list] = {}  # parameter id -> [(layer name, layer, parameter name)]
+    params: dict[int, Tensor] = {}
+    for name in _choose(eligible, include, exclude):
+        for layer, pname in eligible[name]:
+            p = layer._parameters[pname]
+            params[id(p)] = p
+            users.setdefault(id(p), []).append((name, layer, pname))
+    chosen = {(id(layer), pname) for uses in users.values() for _, layer, pname in uses}
+    for name, layer in module.named_modules():
+        for pname, p in layer._parameters.items():
+            if p is not None and id(p) in users and (id(layer), pname) not in chosen:
+                tied = f"{users[id(p)][0][0]}.{users[id(p)][0][2]}"
+                raise ValueError(
+                    f"{name}.{pname} is tied to {tied} but is not chosen; include both layers or exclude both"
+                )
+
+    draws = Draws(int(seed))
+    for index, (pid, uses) in enumerate(users.items()):
+        _, layer, pname = uses[0]
+        copies = nn.Parameter(_init_copies(params[pid], layer, pname, k, init, init_noise, int(seed), index))
+        kernel = MajorityKernel(int(k), scheme, index, draws, scale)
+        for _, layer, pname in uses:
+            parametrize.register_parametrization(layer, pname, kernel, unsafe=True)
+            layer.parametrizations[pname].original = copies
+    if step_on_forward:
+        module.register_forward_pre_hook(draws)
+    return module
+
+
+def _parametrized(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, MajorityKernel, Tensor]]:
+    """(state-dict prefix, layer, parameter name, kernel, copies) for every majority kernel, once per
+    path to it (a shared module appears under each of its names, as in ``state_dict``)."""
+    for name, layer in module.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(layer):
+            continue
+        for pname, plist in layer.parametrizations.items():
+            if isinstance(plist[0], MajorityKernel):
+                yield (f"{name}." if name else ""), layer, pname, plist[0], plist.original
+
+
+def has_majority_kernels(module: nn.Module) -> bool:
+    return next(_parametrized(module), None) is not None
+
+
+def kernel_copies(module: nn.Module) -> dict[str, Tensor]:
+    """Plain-model parameter name -> its ``[k, *S]`` copies, one entry per set of copies."""
+    found: dict[int, tuple[str, Tensor]] = {}
+    for prefix, _, pname, _, copies in _parametrized(module):
+        found.setdefault(id(copies), (prefix + pname, copies))
+    return dict(found.values())
+
+
+def collapsed_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the plain model: every set of copies replaced by its mean, computed once per
+    set, under the plain parameter's key. ``module`` is left untouched (no deep copy is made)."""
+    small_key, dropped = {}, set()
+    for prefix, _, pname, _, _ in _parametrized(module):
+        small_key[f"{prefix}parametrizations.{pname}.original"] = prefix + pname
+        dropped.add(f"{prefix}parametrizations.{pname}.0._extra_state")
+    means: dict[int, Tensor] = {}
+    out = {}
+    with torch.no_grad():
+        for key, value in module.state_dict(keep_vars=True).items():
+            if key in dropped:
+                continue
+            if key in small_key:
+                if id(value) not in means:
+                    means[id(value)] = value.mean(0)
+                out[small_key[key]] = means[id(value)]
+            else:
+                out[key] = value.detach() if isinstance(value, Tensor) else value
+    return out
+
+
+def collapse(module: nn.Module) -> nn.Module:
+    """Replace every set of copies by its mean, in place, and return the plain ``module``.
+
+    Each layer gets back an ordinary ``Parameter`` under its own name; tied layers get back one shared
+    ``Parameter``, computed once. The ``Parameter`` objects are those that held the copies, resized.
+    """
+    found = list(_parametrized(module))
+    targets = {(id(layer), pname): (layer, pname) for _, layer, pname, _, _ in found}
+    sets = {id(copies): copies for *_, copies in found}
+    for layer, pname in targets.values():
+        parametrize.remove_parametrizations(layer, pname, leave_parametrized=False)
+    with torch.no_grad():
+        for copies in sets.values():
+            copies.set_(copies.mean(0))
+            copies.grad = None
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, Draws):
+            del module._forward_pre_hooks[key]
+    return module
+
+
+def copy_spread(module: nn.Module) -> dict[str, float]:
+    """Per set of copies: RMS distance of the copies from their mean, relative to the mean's RMS."""
+    spread = {}
+    with torch.no_grad():
+        for name, copies in kernel_copies(module).items():
+            mean = copies.mean(0)
+            spread[name] = ((copies - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+    return spread

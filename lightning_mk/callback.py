@@ -90,8 +90,6 @@ class MajorityKernelCallback(Callback):
         self._collapsed = False
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if sum(isinstance(cb, MajorityKernelCallback) for cb in trainer.callbacks) > 1:
-            raise ValueError("the Trainer has more than one MajorityKernelCallback; use one")
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise ValueError(
@@ -112,17 +110,19 @@ class MajorityKernelCallback(Callback):
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
         if self.save_path is None:
             self.save_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt")
-        directory = os.path.dirname(os.path.abspath(self.save_path))
+            os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
         if not trainer.is_global_zero:
             return
+        directory = os.path.dirname(os.path.abspath(self.save_path))
         if os.path.isdir(self.save_path):
             raise ValueError(f"save_path={self.save_path!r} is a directory; give a file path")
-        if trainer.log_dir is not None and directory == os.path.abspath(trainer.log_dir):
-            os.makedirs(directory, exist_ok=True)  # the logger's own run folder: ours to create
         if not os.path.isdir(directory):
             raise ValueError(f"the directory of save_path={self.save_path!r} does not exist: create it first")
-        if not os.access(directory, os.W_OK):
-            raise ValueError(f"the directory of save_path={self.save_path!r} is not writable")
+        try:  # os.access() says yes to root on read-only places; a real file says the truth
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as e:
+            raise ValueError(f"cannot write to the directory of save_path={self.save_path!r}: {e}") from None
 
     def _apply(self, pl_module: "pl.LightningModule") -> None:
         if self._draws is not None or self._collapsed:

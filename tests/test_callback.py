@@ -1,0 +1,245 @@
+"""MajorityKernelCallback in a real Trainer: save, load, eval metrics, resume, setup-time errors."""
+
+import os
+import types
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from helpers import TinyModule, loader, trainer
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies
+from lightning_mk.callback import _save_atomically
+
+
+def test_fit_saves_the_small_model_and_it_loads_into_the_users_class(tmp_path):
+    pl.seed_everything(0)
+    model = TinyModule()
+    n_params = sum(p.numel() for p in model.parameters())
+    path = tmp_path / "small.pt"
+    cb = MajorityKernelCallback(k=4, save_path=path)
+    t = trainer(tmp_path, max_epochs=2, callbacks=[cb])
+    t.fit(model, loader(), loader(seed=1))
+    assert kernel_copies(model)["net.0.weight"].shape == (4, 16, 8)
+    logged_val_loss = t.callback_metrics["val_loss"]
+
+    small = TinyModule()
+    small.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert sum(p.numel() for p in small.parameters()) == n_params
+    model.eval()
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        assert (small(x) - model(x)).abs().max() <= 1e-5
+    # validation during fit ran in eval mode, on the mean: it is the small model's metric
+    (result,) = trainer(tmp_path).validate(small, loader(seed=1), verbose=False)
+    assert result["val_loss"] == pytest.approx(logged_val_loss.item(), abs=1e-6)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_default_save_path_is_in_the_log_dir(tmp_path):
+    model = TinyModule()
+    cb = MajorityKernelCallback(k=2)
+    trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
+    assert cb.save_path == os.path.join(str(tmp_path), "small_model.pt")
+    TinyModule().load_state_dict(torch.load(cb.save_path, weights_only=True), strict=True)
+
+
+def test_collapse_module_leaves_the_plain_model_for_test_and_checkpoint(tmp_path):
+    model = TinyModule()
+    cb = MajorityKernelCallback(k=3, save_path=tmp_path / "small.pt", collapse_module=True)
+    t = trainer(tmp_path, limit_train_batches=2, limit_val_batches=1, callbacks=[cb])
+    t.fit(model, loader(), loader(seed=1))
+    assert not kernel_copies(model)
+    assert type(model.net[0]) is nn.Linear
+    t.validate(model, loader(seed=1), verbose=False)  # the same trainer keeps working on the plain model
+    assert not kernel_copies(model), "a later stage must not re-apply the kernels"
+    t.save_checkpoint(tmp_path / "plain.ckpt", weights_only=True)
+    state = torch.load(tmp_path / "plain.ckpt", weights_only=True)["state_dict"]
+    TinyModule().load_state_dict(state, strict=True)
+
+
+def test_preloaded_weights_are_kept_with_replicate(tmp_path):
+    pretrained = TinyModule()
+    model = TinyModule(lr=0.0)
+    model.load_state_dict(pretrained.state_dict())
+    cb = MajorityKernelCallback(k=3, init_noise=0.05, save_path=tmp_path / "small.pt")
+    trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
+    small = torch.load(tmp_path / "small.pt", weights_only=True)
+    for key, value in pretrained.state_dict().items():
+        torch.testing.assert_close(small[key], value, rtol=0, atol=1e-6)
+
+
+class BuiltInConfigureModel(TinyModule):
+    def __init__(self):
+        super().__init__()
+        del self.net
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_layers_built_in_configure_model_get_copies(tmp_path):
+    model = BuiltInConfigureModel()
+    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")
+    trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
+    assert sorted(kernel_copies(model)) == ["net.0.weight", "net.2.weight"]
+    assert "configure_model" not in model.__dict__, "the callback must not leave its hook on the module"
+    fresh = BuiltInConfigureModel()
+    fresh.configure_model()
+    fresh.load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)
+
+
+def _fit_epochs(root, epochs, scheme, ckpt_path=None, init_seed=0):
+    os.makedirs(root, exist_ok=True)
+    pl.seed_everything(init_seed)
+    model = TinyModule()
+    cb = MajorityKernelCallback(k=3, scheme=scheme, seed=7, save_path=os.path.join(root, "small.pt"))
+    ckpt = ModelCheckpoint(dirpath=root, filename="last")
+    t = trainer(root, max_epochs=epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
+    t.fit(model, loader(), ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["select", "convex", "layer", "majority"])
+def test_resume_is_exact(tmp_path, scheme):
+    straight = _fit_epochs(str(tmp_path / "a"), 2, scheme)
+    _fit_epochs(str(tmp_path / "b"), 1, scheme)
+    resumed = _fit_epochs(str(tmp_path / "b"), 2, scheme, ckpt_path=str(tmp_path / "b" / "last.ckpt"), init_seed=1)
+    state = straight.state_dict()
+    for key, value in resumed.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+    small_a = torch.load(tmp_path / "a" / "small.pt", weights_only=True)
+    small_b = torch.load(tmp_path / "b" / "small.pt", weights_only=True)
+    assert all(torch.equal(small_a[k], small_b[k]) for k in small_a)
+
+
+@pytest.mark.parametrize("change", [dict(k=2), dict(scheme="convex")])
+def test_resume_with_another_k_or_scheme_names_both(tmp_path, change):
+    root = str(tmp_path)
+    _fit_epochs(root, 1, "select")
+    options = dict(k=3, scheme="select", seed=7, save_path=tmp_path / "small.pt") | change
+    model = TinyModule()
+    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback(**options)])
+    expected = "k=3, scheme='select'.*" + ("k=2, scheme='select'" if "k" in change else "k=3, scheme='convex'")
+    with pytest.raises(ValueError, match=expected):
+        t.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
+class FailsAtStep3(TinyModule):
+    def training_step(self, batch, batch_idx):
+        if self.training_steps == 3:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_run_that_fails_midway_writes_nothing(tmp_path):
+    path = tmp_path / "small.pt"
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, max_epochs=3, callbacks=[MajorityKernelCallback(k=2, save_path=path)]).fit(FailsAtStep3(), loader())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "small.pt"
+    path.write_bytes(b"previous model")
+    with pytest.raises(Exception):
+        _save_atomically({"x": lambda: None}, str(path))  # a lambda cannot be pickled: torch.save fails mid-way
+    assert os.listdir(tmp_path) == ["small.pt"]
+    assert path.read_bytes() == b"previous model"
+
+
+def _fit_until_error(tmp_path, model=None, **options):
+    model = model or TinyModule()
+    cb = MajorityKernelCallback(**({"k": 2, "save_path": tmp_path / "small.pt"} | options))
+    trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, loader())
+    return model
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no eligible layer; eligible layers: \['net.0', 'net.2'\]"),
+        (dict(exclude=["head"]), r"exclude pattern 'head' matches no eligible layer; eligible layers: \['net.0', 'net.2'\]"),
+        (dict(save_path="/nonexistent-dir/small.pt"), "does not exist"),
+        (dict(save_path="/proc/small.pt"), "cannot write to the directory"),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step(tmp_path, options, message):
+    model = TinyModule()
+    with pytest.raises(ValueError, match=message):
+        _fit_until_error(tmp_path, model, **options)
+    assert model.training_steps == 0
+    assert "configure_model" not in model.__dict__
+
+
+class NoKernels(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(8), nn.Flatten())
+        self.bias = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        return self.net(x + self.bias)[:, :3]
+
+
+def test_a_model_without_eligible_layers_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="NoKernels has no layer with a trainable kernel"):
+        _fit_until_error(tmp_path, NoKernels())
+
+
+def test_applying_twice_fails_at_setup(tmp_path):
+    callbacks = [MajorityKernelCallback(k=2), MajorityKernelCallback(k=3)]
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `MajorityKernelCallback`"):
+        trainer(tmp_path, callbacks=callbacks)  # Lightning refuses it: one state_key per callback type
+    model = apply_majority_kernels(TinyModule(), k=2)
+    with pytest.raises(ValueError, match="already has majority kernels"):
+        _fit_until_error(tmp_path, model)
+    assert model.training_steps == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(k=1), "k must be an integer >= 2"),
+        (dict(k=3.0), "k must be an integer >= 2"),
+        (dict(scheme="nope"), r"valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
+        (dict(init="nope"), r"valid inits: \['replicate', 'independent'\]"),
+        (dict(grad_scale="nope"), "valid: \\['none', 'k', 'matched'\\]"),
+    ],
+)
+def test_bad_arguments_fail_in_init(options, message):
+    with pytest.raises(ValueError, match=message):
+        MajorityKernelCallback(**options)
+
+
+def test_include_must_be_a_list():
+    with pytest.raises(TypeError, match="list of glob patterns"):
+        MajorityKernelCallback(exclude="head")
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    cb = MajorityKernelCallback(k=2)
+    fake_trainer = types.SimpleNamespace(callbacks=[cb], strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="single-device and DDP strategies, not FSDPStrategy"):
+        cb.setup(fake_trainer, TinyModule(), "fit")
+
+
+def test_spread_is_logged(tmp_path):
+    model = TinyModule()
+    cb = MajorityKernelCallback(k=2, init="independent", save_path=tmp_path / "small.pt")
+    t = trainer(tmp_path, limit_train_batches=2, callbacks=[cb])
+    t.fit(model, loader())
+    assert {"mk/spread", "mk/spread/net.0.weight", "mk/spread/net.2.weight"} <= set(t.callback_metrics)
+    assert t.callback_metrics["mk/spread"] > 0
+
+
+def test_callback_state_holds_the_settings_and_position(tmp_path):
+    cb = MajorityKernelCallback(k=2, scheme="layer", save_path=tmp_path / "small.pt")
+    trainer(tmp_path, limit_train_batches=3, callbacks=[cb]).fit(TinyModule(), loader())
+    assert cb.state_dict() == {"k": 2, "scheme": "layer", "init": "replicate", "seed": 0, "step": 3}

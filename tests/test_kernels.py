@@ -1,0 +1,307 @@
+"""The Lightning-free mechanism: every layer type, exact collapse, schemes, gradients, ties, options."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mk import SCHEMES, Scheme, apply_majority_kernels, collapse, collapsed_state_dict, kernel_copies
+from lightning_mk.schemes import get_scheme
+
+
+class Seq(nn.Module):
+    """Wraps one layer with an input builder, so every layer type runs through the same test."""
+
+    def __init__(self, make_layer, make_input, call=None):
+        super().__init__()
+        self.layer = make_layer()
+        self.make_input, self.call = make_input, call or (lambda layer, x: layer(x))
+
+    def forward(self, x):
+        out = self.call(self.layer, x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+LAYERS = {
+    "Linear": (lambda: nn.Linear(6, 5), lambda: torch.randn(4, 6)),
+    "Conv1d": (lambda: nn.Conv1d(3, 4, 3), lambda: torch.randn(2, 3, 9)),
+    "Conv2d": (lambda: nn.Conv2d(3, 4, 3), lambda: torch.randn(2, 3, 7, 7)),
+    "Conv3d": (lambda: nn.Conv3d(2, 3, 2), lambda: torch.randn(2, 2, 4, 4, 4)),
+    "ConvTranspose1d": (lambda: nn.ConvTranspose1d(3, 4, 3), lambda: torch.randn(2, 3, 9)),
+    "ConvTranspose2d": (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), lambda: torch.randn(2, 3, 5, 5)),
+    "ConvTranspose3d": (lambda: nn.ConvTranspose3d(2, 3, 2), lambda: torch.randn(2, 2, 3, 3, 3)),
+    "Embedding": (lambda: nn.Embedding(11, 5, padding_idx=0), lambda: torch.randint(0, 11, (4, 7))),
+    "Bilinear": (lambda: nn.Bilinear(4, 3, 5), lambda: (torch.randn(6, 4), torch.randn(6, 3))),
+    "MultiheadAttention": (lambda: nn.MultiheadAttention(8, 2, batch_first=True), lambda: torch.randn(2, 5, 8)),
+    "MultiheadAttention-kdim": (
+        lambda: nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True),
+        lambda: (torch.randn(2, 5, 8), torch.randn(2, 3, 6), torch.randn(2, 3, 4)),
+    ),
+}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    make_layer, make_input = LAYERS[name]
+    call = None
+    if name == "Bilinear":
+        call = lambda layer, x: layer(*x)  # noqa: E731
+    elif name == "MultiheadAttention":
+        call = lambda layer, x: layer(x, x, x)  # noqa: E731
+    elif name == "MultiheadAttention-kdim":
+        call = lambda layer, x: layer(*x)  # noqa: E731
+    return Seq(make_layer, make_input, call), make_input()
+
+
+def train_a_little(model, x, steps=3):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_collapse_is_exact_and_keeps_keys(name, scheme):
+    model, x = build(name)
+    plain = copy.deepcopy(model)
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    n_params = sum(p.numel() for p in plain.parameters())
+    apply_majority_kernels(model, k=3, scheme=scheme, biases=True)
+    assert kernel_copies(model), "no kernel was given copies"
+    train_a_little(model, x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+
+    small = collapsed_state_dict(model)
+    assert {k: v.shape for k, v in small.items()} == shapes
+    fresh, _ = build(name, seed=1)
+    fresh.load_state_dict(small, strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(x) - expected).abs().max() <= 1e-5
+
+    collapse(model)
+    assert type(model.layer) is type(plain.layer)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+
+
+def test_train_mode_samples_and_eval_mode_is_the_mean():
+    model, x = build("Linear")
+    apply_majority_kernels(model, k=4, scheme="convex", init="independent")
+    copies = kernel_copies(model)["layer.weight"]
+    model.train()
+    a, b = model.layer.weight, model.layer.weight
+    assert torch.equal(a, b), "one step must see one draw (ties, recomputation)"
+    model(x)  # a training forward advances the draw
+    assert not torch.equal(model.layer.weight, a)
+    model.eval()
+    assert torch.equal(model.layer.weight, copies.mean(0))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_scheme_is_unbiased(scheme, k):
+    """Monte Carlo: the average sampled kernel converges to the mean of the copies."""
+    torch.manual_seed(0)
+    copies = torch.randn(k, 3, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    draws = torch.stack([get_scheme(scheme).combine(copies, g) for _ in range(n)])
+    mean = copies.mean(0)
+    sem = draws.std(0) / n**0.5
+    assert ((draws.mean(0) - mean).abs() <= 5 * sem + 1e-12).all()
+    # the advertised second moment, E[sum a_i^2], is what a draw of one-hot copies gives
+    eye = torch.eye(k, dtype=torch.float64).view(k, k, 1)
+    coeffs = torch.stack([get_scheme(scheme).combine(eye.expand(k, k, 200), g) for _ in range(200)])
+    second = coeffs.pow(2).sum(1).mean().item()
+    assert second == pytest.approx(get_scheme(scheme).second_moment(k), rel=0.05)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_gradients_reach_every_copy(scheme):
+    model, x = build("Conv2d")
+    apply_majority_kernels(model, k=4, scheme=scheme, init="independent")
+    model.train()
+    model(x).pow(2).mean().backward()
+    grad = kernel_copies(model)["layer.weight"].grad
+    assert grad is not None
+    assert (grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_grad_scale_multiplies_the_copies_gradients():
+    grads = {}
+    for grad_scale in ("none", "k", "matched", 2.5):
+        model, x = build("Linear")
+        apply_majority_kernels(model, k=4, scheme="layer", grad_scale=grad_scale, seed=3)
+        model(x).pow(2).mean().backward()
+        grads[grad_scale] = kernel_copies(model)["layer.weight"].grad
+    torch.testing.assert_close(grads["k"], 4 * grads["none"])
+    torch.testing.assert_close(grads["matched"], 2.5 * grads["none"])  # (k + 1) / 2 for `layer`
+    torch.testing.assert_close(grads[2.5], 2.5 * grads["none"])
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(13, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 13, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("init", ["replicate", "independent"])
+def test_tied_weights_stay_tied(init):
+    torch.manual_seed(0)
+    model = TiedLM()
+    n_params = sum(p.numel() for p in model.parameters())
+    keys = set(model.state_dict())
+    x = torch.randint(0, 13, (4, 5))
+    apply_majority_kernels(model, k=3, init=init)
+    copies = kernel_copies(model)
+    assert sorted(copies) == ["embed.weight", "mix.weight"]  # one set for the tied pair
+    assert model.embed.parametrizations.weight.original is model.head.parametrizations.weight.original
+    model.train()
+    assert torch.equal(model.embed.weight, model.head.weight), "tied layers must share each draw"
+    train_a_little(model, x)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    small = collapsed_state_dict(model)
+    assert set(small) == keys
+    assert small["embed.weight"] is small["head.weight"], "a tied tensor is collapsed once"
+    collapse(model)
+    assert model.head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_tied_weight_with_one_user_excluded_is_an_error():
+    with pytest.raises(ValueError, match="head.weight is tied to embed.weight"):
+        apply_majority_kernels(TiedLM(), k=2, exclude=["head"])
+
+
+def test_replicate_keeps_the_function_and_independent_redraws():
+    model, x = build("Linear")
+    plain = copy.deepcopy(model).eval()
+    apply_majority_kernels(model, k=4, init="replicate", init_noise=0.1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+    copies = kernel_copies(model)["layer.weight"]
+    assert not torch.equal(copies[0], copies[1]), "init_noise must make the copies differ"
+
+    model, _ = build("Linear")
+    apply_majority_kernels(model, k=4, init="independent", seed=5)
+    copies = kernel_copies(model)["layer.weight"]
+    assert all(not torch.equal(copies[0], copies[i]) for i in range(1, 4))
+    bound = 1 / 6**0.5  # nn.Linear's own init: U(-1/sqrt(in), 1/sqrt(in))
+    assert copies.abs().max() <= bound
+    again, _ = build("Linear")
+    apply_majority_kernels(again, k=4, init="independent", seed=5)
+    assert torch.equal(kernel_copies(again)["layer.weight"], copies), "independent init is seeded"
+
+
+def test_include_exclude_and_layer_types_choose_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6, 8), nn.ReLU(), nn.Linear(8, 3))
+    apply_majority_kernels(model, k=2, exclude=["4"])
+    assert sorted(kernel_copies(model)) == ["0.weight", "2.weight"]
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6, 8))
+    apply_majority_kernels(model, k=2, layer_types=["Conv1d"])
+    assert sorted(kernel_copies(model)) == ["0.weight"]
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[0].weight.requires_grad_(False)
+    apply_majority_kernels(model, k=2)
+    assert sorted(kernel_copies(model)) == ["1.weight"], "frozen kernels are left alone"
+
+
+def test_raw_pytorch_draws_once_per_training_forward_and_collapse_removes_the_hook():
+    model, x = build("Linear")
+    apply_majority_kernels(model, k=4, scheme="select")
+    kernel = model.layer.parametrizations.weight[0]
+    model.train()
+    model(x)
+    model(x)
+    assert kernel.draws.step == 2
+    model.eval()
+    model(x)
+    assert kernel.draws.step == 2
+    collapse(model)
+    assert not model._forward_pre_hooks
+
+
+def test_user_scheme_via_registry():
+    class First(Scheme):
+        def combine(self, copies, generator):
+            return copies.mean(0)
+
+        def second_moment(self, k):
+            return 1.0 / k
+
+    from lightning_mk import register_scheme
+    from lightning_mk.schemes import SCHEMES as registry
+
+    register_scheme("mean-only", First())
+    try:
+        model, x = build("Linear")
+        apply_majority_kernels(model, k=2, scheme="mean-only", grad_scale="matched")
+        assert model.layer.parametrizations.weight[0].grad_scale == 2.0
+        with pytest.raises(ValueError, match="already registered"):
+            register_scheme("mean-only", First())
+    finally:
+        registry.pop("mean-only")
+
+
+def test_loading_a_state_with_other_k_or_scheme_names_both():
+    model, _ = build("Linear")
+    apply_majority_kernels(model, k=3, scheme="select")
+    other, _ = build("Linear")
+    apply_majority_kernels(other, k=2, scheme="convex")
+    with pytest.raises(ValueError, match=r"k=3, scheme='select'.*k=2, scheme='convex'"):
+        other.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=1), "k must be an integer >= 2"),
+        (dict(k=2.5), "k must be an integer >= 2"),
+        (dict(k=True), "k must be an integer >= 2"),
+        (dict(k="4"), "k must be an integer >= 2"),
+        (dict(scheme="dirichlet"), r"unknown scheme 'dirichlet'; valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
+        (dict(init="zeros"), r"unknown init 'zeros'; valid inits: \['replicate', 'independent'\]"),
+        (dict(grad_scale="auto"), r"unknown grad_scale 'auto'; valid: \['none', 'k', 'matched'\]"),
+        (dict(grad_scale=-1.0), "grad_scale must be"),
+        (dict(init_noise=-0.1), "init_noise must be a number >= 0"),
+        (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no eligible layer; eligible layers: \['0', '2'\]"),
+        (dict(exclude=["head"]), r"exclude pattern 'head' matches no eligible layer; eligible layers: \['0', '2'\]"),
+        (dict(exclude=["*"]), "leave no layer"),
+        (dict(layer_types=["LSTM"]), "unsupported layer type 'LSTM'"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, message):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=message):
+        apply_majority_kernels(model, **kwargs)
+    assert not kernel_copies(model), "a rejected call must leave the model untouched"
+
+
+def test_no_eligible_layer_and_applying_twice_are_errors():
+    with pytest.raises(ValueError, match="has no layer with a trainable kernel of a supported type"):
+        apply_majority_kernels(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+    model = apply_majority_kernels(nn.Linear(3, 3), k=2)
+    with pytest.raises(ValueError, match="already has majority kernels"):
+        apply_majority_kernels(model, k=2)
+    with pytest.raises(ValueError, match="lazy and not yet initialised"):
+        apply_majority_kernels(nn.Sequential(nn.LazyLinear(3)))

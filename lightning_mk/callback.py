@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -21,7 +22,6 @@ from lightning_mk.kernels import (
     collapse,
     collapsed_state_dict,
     copy_spread,
-    has_majority_kernels,
 )
 
 __all__ = ["MajorityKernelCallback"]
@@ -85,9 +85,9 @@ class MajorityKernelCallback(Callback):
         self.save_path = None if save_path is None else os.fspath(save_path)
         self.collapse_module = collapse_module
         self.log_spread = log_spread
-        self._draws: Optional[Draws] = None
+        self._module: Optional[weakref.ref] = None  # the module this callback rewrote (and maybe collapsed)
+        self._draws: Optional[Draws] = None  # None once that module is collapsed
         self._step = 0
-        self._collapsed = False
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
@@ -97,6 +97,11 @@ class MajorityKernelCallback(Callback):
                 "(sharded strategies such as FSDP and DeepSpeed are not supported yet)"
             )
         if stage == "fit":
+            if self._owns(pl_module) and self._draws is None:
+                raise ValueError(
+                    "this module was collapsed by this MajorityKernelCallback at the end of an earlier fit; "
+                    "use a new MajorityKernelCallback to train it with majority kernels again"
+                )
             self._resolve_save_path(trainer)
         configure_model = pl_module.configure_model
 
@@ -124,11 +129,13 @@ class MajorityKernelCallback(Callback):
         except OSError as e:
             raise ValueError(f"cannot write to the directory of save_path={self.save_path!r}: {e}") from None
 
+    def _owns(self, pl_module: "pl.LightningModule") -> bool:
+        return self._module is not None and self._module() is pl_module
+
     def _apply(self, pl_module: "pl.LightningModule") -> None:
-        if self._draws is not None or self._collapsed:
-            return  # already ours (e.g. trainer.test() after fit)
-        if has_majority_kernels(pl_module):
-            raise ValueError("the model already has majority kernels; MajorityKernelCallback applies them itself")
+        """Rewrite the module, unless an earlier stage already did (e.g. ``trainer.test()`` after ``fit``)."""
+        if self._owns(pl_module):
+            return
         apply_majority_kernels(
             pl_module,
             self.k,
@@ -143,6 +150,7 @@ class MajorityKernelCallback(Callback):
             seed=self.seed,
             step_on_forward=False,
         )
+        self._module = weakref.ref(pl_module)
         self._draws = next(m for m in pl_module.modules() if isinstance(m, MajorityKernel)).draws
         self._draws.step = self._step
 
@@ -151,7 +159,7 @@ class MajorityKernelCallback(Callback):
         self._draws.step = self._step
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.log_spread and self._draws is not None:
+        if self.log_spread:
             spread = copy_spread(pl_module)
             metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
             metrics["mk/spread"] = sum(spread.values()) / len(spread)
@@ -164,7 +172,6 @@ class MajorityKernelCallback(Callback):
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
             collapse(pl_module)
-            self._collapsed = True
             self._draws = None
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

@@ -243,3 +243,24 @@ def test_callback_state_holds_the_settings_and_position(tmp_path):
     cb = MajorityKernelCallback(k=2, scheme="layer", save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=3, callbacks=[cb]).fit(TinyModule(), loader())
     assert cb.state_dict() == {"k": 2, "scheme": "layer", "init": "replicate", "seed": 0, "step": 3}
+
+
+def test_an_mk_checkpoint_can_be_validated_in_a_new_process(tmp_path):
+    root = str(tmp_path)
+    trained = _fit_epochs(root, 1, "select")
+    trained.eval()
+    expected = trainer(root).validate(trained, loader(seed=1), verbose=False)
+    fresh = TinyModule()
+    cb = MajorityKernelCallback(k=3, scheme="select")
+    result = trainer(root, callbacks=[cb]).validate(fresh, loader(seed=1), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert result == expected
+
+
+def test_one_callback_serves_a_second_model_but_not_a_collapsed_one(tmp_path):
+    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt", collapse_module=True)
+    first, second = TinyModule(), TinyModule()
+    trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(first, loader())
+    with pytest.raises(ValueError, match="collapsed by this MajorityKernelCallback"):
+        trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(first, loader())
+    trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(second, loader())
+    assert second.training_steps == 2 and not kernel_copies(second)

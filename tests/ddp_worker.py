@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import TinyModule, loader  # noqa: E402
+from helpers import TinyModule, loader, trainer  # noqa: E402
 
 from lightning_mk import MajorityKernelCallback  # noqa: E402
 
@@ -42,17 +42,7 @@ class Recording(TinyModule):
 pl.seed_everything(0)
 model = Recording()
 cb = MajorityKernelCallback(k=4, scheme="select", seed=3, save_path=os.path.join(out, "small.pt"))
-trainer = pl.Trainer(
-    accelerator="cpu",
-    devices=2,
-    strategy="ddp",
-    max_epochs=2,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    callbacks=[cb],
-)
+trainer = trainer(out, devices=2, strategy="ddp", max_epochs=2, callbacks=[cb])
 trainer.fit(model, loader(n=64, batch_size=8))
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

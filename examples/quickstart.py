@@ -25,7 +25,7 @@ def main() -> None:
 
     pl.seed_everything(args.seed)
     data = MNIST1DDataModule(seed=args.seed)
-    model = Classifier(MLP(data.in_features, data.num_classes, n=128), data.num_classes)
+    model = Classifier(MLP(data.in_shape, data.num_classes, n=128), data.num_classes)
     os.makedirs(args.out, exist_ok=True)
     small_path = os.path.join(args.out, "small_model.pt")
     mk = MajorityKernelCallback(k=args.k, scheme=args.scheme, seed=args.seed, save_path=small_path)
@@ -33,7 +33,7 @@ def main() -> None:
     trainer.fit(model, data)
 
     # The saved file is the user's own architecture: load it into a fresh, unmodified Classifier.
-    small = Classifier(MLP(data.in_features, data.num_classes, n=128), data.num_classes)
+    small = Classifier(MLP(data.in_shape, data.num_classes, n=128), data.num_classes)
     small.load_state_dict(torch.load(small_path, weights_only=True), strict=True)
     n_params = sum(p.numel() for p in small.parameters())
     (result,) = pl.Trainer(logger=False, enable_progress_bar=False).test(small, data, verbose=False)

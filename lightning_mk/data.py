@@ -14,7 +14,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
     1-D signals, 80 % train and 20 % test; ``val_fraction`` of train is held out with ``seed``."""
 
     num_classes = 10
-    in_features = 40
+    in_shape = (40,)
 
     def __init__(self, num_samples: int = 5000, val_fraction: float = 0.1, batch_size: int = 128, seed: int = 0) -> None:
         super().__init__()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Optional
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -11,18 +12,37 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["MLP", "Classifier"]
+__all__ = ["MLP", "ResNet", "Transformer", "Hidden", "Classifier"]
+
+
+class Hidden(NamedTuple):
+    """One prunable hidden dimension of width ``n``: ``producer`` makes the units (output rows, with its
+    bias), ``norm`` (optional) normalises them per unit, ``consumer`` reads them (input columns).
+
+    The width parameter ``n`` of every model here is exactly the size of these dimensions, so the
+    k-times-wider model and the small model differ only there, and selecting n of its k*n units gives
+    the small model's architecture (the submodular baseline relies on it)."""
+
+    name: str
+    producer: nn.Module
+    norm: Optional[nn.Module]
+    consumer: nn.Module
+
+
+def _check_width(**sizes: int) -> None:
+    for key, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"model {key} must be a positive integer, got {value!r}")
 
 
 class MLP(nn.Module):
     """``depth`` hidden layers of width ``n`` with ReLU."""
 
-    def __init__(self, in_features: int, num_classes: int, n: int = 128, depth: int = 2, dropout: float = 0.0) -> None:
+    def __init__(self, in_shape: Sequence[int], num_classes: int, n: int = 128, depth: int = 2, dropout: float = 0.0) -> None:
         super().__init__()
-        if n <= 0 or depth <= 0:
-            raise ValueError(f"MLP width n and depth must be > 0, got n={n}, depth={depth}")
+        _check_width(n=n, depth=depth)
         layers: list[nn.Module] = [nn.Flatten()]
-        width = in_features
+        width = math.prod(in_shape)
         for _ in range(depth):
             layers += [nn.Linear(width, n), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
             width = n
@@ -31,6 +51,129 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+    def hidden(self) -> list[Hidden]:
+        linears = [(name, m) for name, m in self.layers.named_children() if isinstance(m, nn.Linear)]
+        return [Hidden(f"layers.{a}", pa, None, pb) for (a, pa), (_, pb) in zip(linears, linears[1:])]
+
+
+class ResidualBlock(nn.Module):
+    """conv(channels -> n) BN ReLU conv(n -> channels) BN, plus the identity."""
+
+    def __init__(self, channels: int, n: int, dim: int) -> None:
+        super().__init__()
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dim == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        self.conv1, self.norm1 = conv(channels, n, 3, padding=1, bias=False), norm(n)
+        self.conv2, self.norm2 = conv(n, channels, 3, padding=1, bias=False), norm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x))))))
+
+
+class ResNet(nn.Module):
+    """A small ResNet over 1-D signals (``in_shape = (length,)`` or ``(channels, length)``) or images
+    (``(channels, height, width)``): a stem to ``channels``, ``blocks`` residual blocks of inner
+    width ``n``, global average pooling, a linear head."""
+
+    def __init__(
+        self, in_shape: Sequence[int], num_classes: int, n: int = 32, channels: int = 32, blocks: int = 2, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        _check_width(n=n, channels=channels, blocks=blocks)
+        self.in_shape = tuple(in_shape) if len(in_shape) > 1 else (1, *in_shape)
+        dim = len(self.in_shape) - 1
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dim == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        self.stem = nn.Sequential(conv(self.in_shape[0], channels, 3, padding=1, bias=False), norm(channels), nn.ReLU())
+        self.blocks = nn.Sequential(*(ResidualBlock(channels, n, dim) for _ in range(blocks)))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x.view(x.shape[0], *self.in_shape)))
+        return self.head(self.dropout(h.flatten(2).mean(2)))
+
+    def hidden(self) -> list[Hidden]:
+        return [Hidden(f"blocks.{i}", b.conv1, b.norm1, b.conv2) for i, b in enumerate(self.blocks)]
+
+
+class LinearAttention(nn.Module):
+    """Multi-head self-attention with separate ``nn.Linear`` q, k, v and output projections."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer block; its MLP has hidden width ``n``."""
+
+    def __init__(self, d_model: int, heads: int, n: int, attention: str, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.mha = attention == "mha"
+        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True) if self.mha else LinearAttention(d_model, heads)
+        self.fc1, self.fc2 = nn.Linear(d_model, n), nn.Linear(n, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        h = self.attn(h, h, h, need_weights=False)[0] if self.mha else self.attn(h)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+
+class Transformer(nn.Module):
+    """An encoder classifier over patches: a 1-D signal in patches of ``patch`` points, or an image in
+    ``patch x patch`` squares; learned positions, ``layers`` blocks, mean pooling, a linear head."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int,
+        n: int = 64,
+        d_model: int = 32,
+        heads: int = 4,
+        layers: int = 2,
+        patch: int = 4,
+        attention: str = "mha",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_width(n=n, d_model=d_model, heads=heads, layers=layers, patch=patch)
+        if attention not in ("mha", "linear"):
+            raise ValueError(f"model attention must be 'mha' or 'linear', got {attention!r}")
+        if d_model % heads:
+            raise ValueError(f"model d_model={d_model} must be divisible by heads={heads}")
+        self.in_shape = tuple(in_shape) if len(in_shape) > 1 else (1, *in_shape)
+        channels, *space = self.in_shape
+        if any(size % patch for size in space):
+            raise ValueError(f"model patch={patch} must divide the input size {space}")
+        self.patch = patch
+        tokens = math.prod(size // patch for size in space)
+        self.embed = nn.Linear(channels * patch ** len(space), d_model)
+        self.position = nn.Parameter(torch.randn(1, tokens, d_model) * 0.02)
+        self.blocks = nn.Sequential(*(EncoderBlock(d_model, heads, n, attention, dropout) for _ in range(layers)))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], *self.in_shape)
+        if x.dim() == 3:  # (batch, channels, length) -> (batch, tokens, channels * patch)
+            return x.unfold(2, self.patch, self.patch).permute(0, 2, 1, 3).flatten(2)
+        return F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.embed(self._patches(x)) + self.position)
+        return self.head(self.norm(h).mean(1))
+
+    def hidden(self) -> list[Hidden]:
+        return [Hidden(f"blocks.{i}", b.fc1, None, b.fc2) for i, b in enumerate(self.blocks)]
 
 
 class Classifier(pl.LightningModule):

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_mk.atomic import write_atomically
 from lightning_mk.kernels import (
     Draws,
     MajorityKernel,
@@ -167,7 +168,8 @@ class MajorityKernelCallback(Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero:
-            _save_atomically(collapsed_state_dict(pl_module), self.save_path)
+            state = collapsed_state_dict(pl_module)
+            write_atomically(self.save_path, lambda f: torch.save(state, f))
             rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
@@ -189,16 +191,3 @@ class MajorityKernelCallback(Callback):
 
 def _unpatch(pl_module: "pl.LightningModule") -> None:
     pl_module.__dict__.pop("configure_model", None)
-
-
-def _save_atomically(state_dict: dict, path: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".small_model.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state_dict, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -44,7 +44,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(in_shape)
         for _ in range(depth):
-            layers += [nn.Linear(width, n), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+            layers += [nn.Linear(width, n), nn.ReLU(), nn.Dropout(dropout)]  # always there: same keys with or without
             width = n
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
@@ -193,10 +193,14 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def training_loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss minimised in training; validation and test always report cross-entropy."""
+        return F.cross_entropy(logits, y)
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.training_loss(x, logits, y) if stage == "train" else F.cross_entropy(logits, y)
         self.accuracy[stage + "_"](logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
         self.log(f"{stage}/acc", self.accuracy[stage + "_"], on_step=False, on_epoch=True, prog_bar=stage != "train")
@@ -213,5 +217,5 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return self.optimizer(self.parameters())
+            return torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        return self.optimizer(self.net.parameters())

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import TinyModule, loader, trainer
 from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies
-from lightning_mk.callback import _save_atomically
+from lightning_mk.atomic import write_atomically
 
 
 def test_fit_saves_the_small_model_and_it_loads_into_the_users_class(tmp_path):
@@ -149,7 +149,7 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
     path = tmp_path / "small.pt"
     path.write_bytes(b"previous model")
     with pytest.raises(Exception):
-        _save_atomically({"x": lambda: None}, str(path))  # a lambda cannot be pickled: torch.save fails mid-way
+        write_atomically(path, lambda f: torch.save({"x": lambda: None}, f))  # a lambda cannot be pickled: fails mid-way
     assert os.listdir(tmp_path) == ["small.pt"]
     assert path.read_bytes() == b"previous model"
 

@@ -1,0 +1,93 @@
+"""The Hydra app: every config group composes, every method x model runs, bad configs fail early."""
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from lightning_mk.models import Classifier
+from lightning_mk.run import ConfigError, run
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+GROUPS = {group: sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml")) for group in ("data", "model", "method", "trainer", "optimizer", "logger", "experiment")}
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.enable_progress_bar=false", "logger=none"]
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("data, model, method", list(itertools.product(GROUPS["data"], GROUPS["model"], GROUPS["method"])))
+def test_every_group_composes(tmp_path, data, model, method):
+    cfg = config(tmp_path, f"data={data}", f"model={model}", f"method={method}")
+    assert cfg.task == f"{data}/{model}"
+    assert cfg.method.name == method and cfg.method.label
+
+
+@pytest.mark.parametrize("group", ["trainer", "optimizer", "logger", "experiment"])
+def test_every_option_of_the_other_groups_composes(tmp_path, group):
+    for option in GROUPS[group]:
+        cfg = config(tmp_path, f"{group}={option}")
+        assert cfg.task
+
+
+def small_params(cfg, data_shape=(40,), classes=10):
+    from hydra.utils import instantiate
+
+    return sum(p.numel() for p in instantiate(cfg.model.net, in_shape=data_shape, num_classes=classes).parameters())
+
+
+@pytest.mark.parametrize("model", GROUPS["model"])
+@pytest.mark.parametrize("method", GROUPS["method"])
+def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method, model):
+    cfg = config(tmp_path, f"method={method}", f"model={model}", "k=2", "data.module.num_samples=600", *TINY)
+    result = run(cfg)
+    line = json.loads((tmp_path / "results.jsonl").read_text())
+    assert line == json.loads(json.dumps(result))
+    baseline_params = small_params(cfg)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    if method == "wide":
+        assert not result["deployable"] and result["params"] > baseline_params
+        return
+    assert result["deployable"] and result["params"] == baseline_params
+    from hydra.utils import instantiate
+
+    fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)
+    fresh.load_state_dict(state, strict=True)
+    assert 0 <= result["test_acc"] <= 1 and result["train_time_s"] > 0 and result["latency_ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=mk", "k=1"], "config key 'k' must be an integer >= 2 for method=mk, got 1"),
+        (["method=wide", "k=0"], "config key 'k' must be an integer >= 2 for method=wide, got 0"),
+        (["model.net.n=0"], r"config key 'model.net.n' \(the model width\) must be a positive integer, got 0"),
+        (["data=cifar10", "data.module.root=/no/such/dir"], "config key 'data.module.root' is '/no/such/dir', which does not exist"),
+        (["method=distill", "method.teacher=giant"], r"config key 'method.teacher' is 'giant'; allowed: \['ensemble', 'wide'\]"),
+        (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
+        (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
+    ],
+)
+def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):
+    cfg = config(tmp_path / "out", *overrides, *TINY)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_names_the_allowed_ones(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="method/magic"):
+        config(tmp_path, "method=magic")
+    cfg = config(tmp_path)
+    with open_dict(cfg):
+        cfg.method.name = "magic"
+    with pytest.raises(ConfigError, match=r"config key 'method' is 'magic'; allowed: \['baseline', 'baseline_reg', 'mk'"):
+        run(cfg)

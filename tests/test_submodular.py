@@ -1,0 +1,151 @@
+"""Submodular neuron selection: the two objectives, the refit, and pruning every model class to its width."""
+
+import heapq
+
+import pytest
+import torch
+
+from lightning_mk.models import MLP, ResNet, Transformer
+from lightning_mk.submodular import facility_location, least_squares_refit, prune_to_width, reconstruction
+
+MODELS = {
+    "mlp": (lambda n: MLP((40,), 5, n=n), (40,)),
+    "resnet-1d": (lambda n: ResNet((40,), 5, n=n, channels=8), (40,)),
+    "resnet-2d": (lambda n: ResNet((1, 8, 8), 5, n=n, channels=8), (1, 8, 8)),
+    "transformer-mha": (lambda n: Transformer((40,), 5, n=n, d_model=8, heads=2, attention="mha"), (40,)),
+    "transformer-linear": (lambda n: Transformer((40,), 5, n=n, d_model=8, heads=2, attention="linear"), (40,)),
+}
+N, K = 4, 3
+
+
+def build(name, n, seed):
+    """A model in eval mode whose norms have non-trivial statistics (a fresh BatchNorm is nearly the identity)."""
+    torch.manual_seed(seed)
+    model = MODELS[name][0](n).eval()
+    with torch.no_grad():
+        for h in model.hidden():
+            if h.norm is not None:
+                h.norm.weight.normal_(1, 0.5), h.norm.bias.normal_(0, 0.5)
+                h.norm.running_mean.normal_(0, 0.5), h.norm.running_var.uniform_(0.5, 2)
+    return model
+
+
+def batches(name, seed, count=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, *MODELS[name][1], generator=g) for _ in range(count)]
+
+
+def duplicates(distinct=5, pairs=3, rows=40, groups=1, seed=0):
+    """``distinct`` units, the first ``pairs`` of them repeated at the end; a target that needs all of them."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, distinct, groups, generator=g)
+    units = torch.cat([base, base[:, :pairs]], 1)
+    return units, base.flatten(1) @ torch.randn(distinct * groups, 6, generator=g)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_duplicate_units_are_never_both_picked_while_distinct_ones_remain(groups):
+    units, target = duplicates(groups=groups)
+    distinct = 5
+    for picks, values in (
+        reconstruction(units, target, distinct),
+        facility_location(units.transpose(0, 1).flatten(1), distinct),
+    ):
+        assert sorted(p % distinct for p in picks) == list(range(distinct))  # unit 5 + i duplicates unit i
+        assert len(values) == distinct and all(b >= a for a, b in zip(values, values[1:]))
+    picks, values = reconstruction(units, target, len(units[0]))  # a budget past the distinct ones: fills up
+    assert sorted(picks) == list(range(8)) and all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_reconstruction_finds_the_three_units_the_target_depends_on():
+    g = torch.Generator().manual_seed(1)
+    space = torch.linalg.qr(torch.randn(200, 7, generator=g, dtype=torch.float64)).Q
+    relevant = space[:, :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)
+    irrelevant = space[:, 3:] @ torch.randn(4, 7, generator=g, dtype=torch.float64)  # 7 units, rank 4: dependent
+    units = torch.cat([irrelevant[:, :2], relevant[:, :1], irrelevant[:, 2:5], relevant[:, 1:2], irrelevant[:, 5:],
+                       relevant[:, 2:]], 1)  # relevant units at 2, 6, 9
+    target = relevant @ torch.randn(3, 4, generator=g, dtype=torch.float64)
+    picks, values = reconstruction(units[:, :, None], target, 3)
+    assert sorted(picks) == [2, 6, 9]
+    assert values[-1] == pytest.approx(float(target.square().sum()), rel=1e-4)
+    fit = least_squares_refit(units[:, sorted(picks)], target)
+    torch.testing.assert_close(units[:, sorted(picks)] @ fit, target, rtol=1e-6, atol=1e-8)
+
+
+def test_lazy_facility_location_equals_plain_greedy():
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(30, 12, generator=g)
+    unit = features.double() / features.double().norm(dim=1, keepdim=True)
+    sim = (1 + unit @ unit.T) / 2
+    covered, picks, values = torch.zeros(30, dtype=torch.float64), [], []
+    for _ in range(10):
+        gain = (sim - covered[:, None]).clamp_min(0).sum(0)
+        gain[picks] = -1
+        j = int(gain.argmax())
+        covered = torch.maximum(covered, sim[:, j])
+        picks.append(j), values.append(float(covered.sum()))
+    lazy_picks, lazy_values = facility_location(features, 10)
+    assert lazy_picks == picks
+    assert lazy_values == pytest.approx(values, rel=1e-12)
+    assert all(b > a for a, b in zip(values, values[1:]))
+
+
+def test_unknown_objective_names_the_valid_ones():
+    with pytest.raises(ValueError, match="reconstruction, facility_location"):
+        prune_to_width(build("mlp", K * N, 0), build("mlp", N, 0), batches("mlp", 0), objective="magnitude")
+
+
+def masked_to(wide, chosen):
+    """The wide model with the consumer columns of every unchosen unit zeroed: the sub-network of the chosen units."""
+    with torch.no_grad():
+        for h, idx in zip(wide.hidden(), chosen):
+            mask = torch.zeros(h.consumer.weight.shape[1], dtype=torch.bool)
+            mask[idx] = True
+            h.consumer.weight[:, ~mask] = 0
+    return wide
+
+
+@pytest.mark.parametrize("refit", [False, True])
+@pytest.mark.parametrize("objective", ["reconstruction", "facility_location"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prune_gives_the_small_architecture(name, objective, refit):
+    wide, fresh = build(name, K * N, 0), build(name, N, 1)
+    small = prune_to_width(wide, build(name, N, 2), batches(name, 0), objective, refit)
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in fresh.parameters())
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    # which wide unit each small unit is, read off a per-unit tensor (distinct in a random model)
+    chosen = []
+    for hw, hs in zip(wide.hidden(), small.hidden()):
+        per_unit = [h.producer.bias if h.norm is None else h.norm.running_mean for h in (hw, hs)]
+        chosen.append([int((per_unit[0] == v).nonzero()) for v in per_unit[1]])
+        assert chosen[-1] == sorted(set(chosen[-1])) and len(chosen[-1]) == N
+    if not refit:  # the pruned model is exactly the wide model's sub-network of the chosen units
+        x = torch.randn(16, *MODELS[name][1])
+        torch.testing.assert_close(small(x), masked_to(wide, chosen)(x), rtol=0, atol=1e-5)
+
+
+def stacked(small, wide, k):
+    """Make ``wide`` compute ``small``'s function: each hidden unit k times, consumer columns divided by k."""
+    names = {m: name for name, m in small.named_modules()}
+    state = small.state_dict()
+    for h in small.hidden():
+        key = names[h.consumer] + ".weight"
+        state[key] = torch.cat([state[key]] * k, 1) / k
+        for module in filter(None, (h.producer, h.norm)):
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                if f"{names[module]}.{p}" in state:
+                    state[f"{names[module]}.{p}"] = torch.cat([state[f"{names[module]}.{p}"]] * k)
+    wide.load_state_dict(state)
+    return wide
+
+
+@pytest.mark.parametrize("objective", ["reconstruction", "facility_location"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prune_with_refit_recovers_the_model_a_stacked_wide_model_copies(name, objective):
+    small = build(name, N, 3)
+    wide = stacked(small, build(name, K * N, 0), K)
+    x = torch.randn(64, *MODELS[name][1])
+    torch.testing.assert_close(wide(x), small(x), rtol=0, atol=1e-5)
+    pruned = prune_to_width(wide, build(name, N, 4), batches(name, 5), objective, refit=True).eval()
+    assert (pruned(x) - small(x)).abs().max() <= 1e-4

@@ -68,10 +68,14 @@ def reconstruction(units: Tensor, target: Tensor, budget: int) -> tuple[list[int
     duplicate, a linear combination of the picks, a dead unit) adds nothing and is only taken once
     no candidate adds a direction. Returns the picks in order and F after each pick.
     """
-    columns = units.double().clone()  # [N, U, G], orthogonalised against the picks as they come
+    _check_budget(budget, units.shape[1])
+    # [N, U, G], orthogonalised against the picks as they come (in place, through the [N, U*G] view)
+    columns = units.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+    flat = columns.view(len(columns), -1)
     residual = target.double().clone()
-    _check_budget(budget, columns.shape[1])
-    gram = torch.einsum("nug,nuh->ugh", columns, columns)  # per candidate, downdated as the basis grows
+    # per candidate: Gram matrix and columns' products with the residual, downdated as the basis grows
+    gram = torch.einsum("nug,nuh->ugh", columns, columns)
+    cross = flat.T @ residual
     own_norm = gram.diagonal(dim1=1, dim2=2).sum(1)
     available = torch.ones(columns.shape[1], dtype=torch.bool, device=columns.device)
     picks: list[int] = []
@@ -80,16 +84,18 @@ def reconstruction(units: Tensor, target: Tensor, budget: int) -> tuple[list[int
     for _ in range(budget):
         eigval, eigvec = torch.linalg.eigh(gram)
         new = eigval > _NEW_DIRECTION_TOL * own_norm[:, None]
-        along = eigvec.transpose(1, 2) @ (columns.flatten(1).T @ residual).view(*gram.shape[:2], -1)
+        along = eigvec.transpose(1, 2) @ cross.view(*gram.shape[:2], -1)
         gain = torch.where(new, along.square().sum(2) / eigval, 0).sum(1)
-        gain = torch.where(new.any(1), gain, -1.0).masked_fill(~available, -torch.inf)
+        gain = gain.masked_fill(~available, -torch.inf)
         u = int(gain.argmax())
         available[u] = False
         basis = columns[:, u] @ (eigvec[u][:, new[u]] / eigval[u][new[u]].sqrt())  # orthonormal, [N, r]
-        value += float((basis.T @ residual).square().sum())
-        residual -= basis @ (basis.T @ residual)
-        coef = basis.T @ columns.flatten(1)
-        columns -= (basis @ coef).view_as(columns)
+        explained = basis.T @ residual
+        value += float(explained.square().sum())
+        residual.addmm_(basis, explained, alpha=-1)
+        coef = basis.T @ flat
+        flat.addmm_(basis, coef, alpha=-1)
+        cross.addmm_(coef.T, explained, alpha=-1)
         coef = coef.view(len(coef), *gram.shape[:2])
         gram -= torch.einsum("rug,ruh->ugh", coef, coef)
         picks.append(u)
@@ -116,9 +122,9 @@ def _unit_rows(consumer: nn.Module, x: Tensor) -> Tensor:
     G is the in-kernel size (the patch a conv consumer reads from each unit, with its own padding)."""
     if isinstance(consumer, nn.Linear):
         return x.reshape(-1, x.shape[-1], 1)
-    if type(consumer) not in (nn.Conv1d, nn.Conv2d) or consumer.groups != 1 or consumer.padding_mode != "zeros" \
-            or isinstance(consumer.padding, str):
-        raise TypeError(f"unsupported consumer {consumer}: Linear, or Conv1d/Conv2d with groups=1 and numeric zero padding")
+    if not (type(consumer) in (nn.Conv1d, nn.Conv2d) and consumer.groups == 1 and consumer.padding_mode == "zeros"
+            and not isinstance(consumer.padding, str)):
+        raise TypeError(f"unsupported consumer {consumer}: need Linear, or Conv1d/Conv2d, groups=1, numeric padding")
     units = x.shape[1]
     if isinstance(consumer, nn.Conv2d):
         patches = F.unfold(x, consumer.kernel_size, consumer.dilation, consumer.padding, consumer.stride)
@@ -180,7 +186,7 @@ def prune_to_width(
         wide.train(was_training)
 
     names = {module: name for name, module in wide.named_modules()}
-    state = {key: value.clone() for key, value in wide.state_dict().items()}
+    state = wide.state_dict()  # entries are replaced, never written to: wide stays as it was
     chosen = []
     with torch.no_grad():
         for h, s in zip(hiddens, small_hiddens):
@@ -193,11 +199,12 @@ def prune_to_width(
             else:
                 picks = facility_location(units.transpose(0, 1).flatten(1), n)[0]
             idx = torch.tensor(sorted(picks), device=weight.device)
+            key = names[h.consumer] + ".weight"
             if refit:
-                fit = least_squares_refit(units[:, idx].flatten(1), target)
-                state[names[h.consumer] + ".weight"] = fit.T.reshape(len(weight), n, *weight.shape[2:]).to(weight.dtype)
+                fit = least_squares_refit(units[:, idx].flatten(1), target).T
+                state[key] = fit.reshape(len(weight), n, *weight.shape[2:]).to(weight.dtype)
             else:
-                state[names[h.consumer] + ".weight"] = weight[:, idx].clone()
+                state[key] = weight[:, idx]
             chosen.append((h, idx))
         # Rows after all columns: an MLP's middle layer consumes one dimension and produces the next.
         for h, idx in chosen:

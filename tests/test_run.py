@@ -91,3 +91,21 @@ def test_unknown_method_names_the_allowed_ones(tmp_path):
         cfg.method.name = "magic"
     with pytest.raises(ConfigError, match=r"config key 'method' is 'magic'; allowed: \['baseline', 'baseline_reg', 'mk'"):
         run(cfg)
+
+
+def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(tmp_path, monkeypatch, capsys):
+    from lightning_mk import report
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for method, seed in [("baseline", 0), ("baseline", 1), ("mk", 0), ("mk", 1)]:
+        out = tmp_path / f"{method}-{seed}"
+        cfg = config(out, f"method={method}", f"seed={seed}", "k=2", "data.module.num_samples=600", *TINY[:-1], "logger=wandb")
+        run(cfg)
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run was written"
+        assert list((out / "csv").glob("version_*/metrics.csv")), "CSV metrics are always written"
+    capsys.readouterr()
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    table = capsys.readouterr().out
+    assert "## mnist1d/mlp" in table
+    assert "| baseline | – | 2 |" in table and "| mk (select, k=2) | 2 | 2 |" in table
+    assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,5 @@
 """Submodular neuron selection: the two objectives, the refit, and pruning every model class to its width."""
 
-import heapq
-
 import pytest
 import torch
 
@@ -35,23 +33,17 @@ def batches(name, seed, count=2, size=32):
     return [torch.randn(size, *MODELS[name][1], generator=g) for _ in range(count)]
 
 
-def duplicates(distinct=5, pairs=3, rows=40, groups=1, seed=0):
-    """``distinct`` units, the first ``pairs`` of them repeated at the end; a target that needs all of them."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(rows, distinct, groups, generator=g)
-    units = torch.cat([base, base[:, :pairs]], 1)
-    return units, base.flatten(1) @ torch.randn(distinct * groups, 6, generator=g)
-
-
 @pytest.mark.parametrize("groups", [1, 3])
 def test_duplicate_units_are_never_both_picked_while_distinct_ones_remain(groups):
-    units, target = duplicates(groups=groups)
-    distinct = 5
+    g, distinct = torch.Generator().manual_seed(0), 5
+    base = torch.randn(40, distinct, groups, generator=g)
+    units = torch.cat([base, base[:, :3]], 1)  # units 5, 6, 7 duplicate units 0, 1, 2
+    target = base.flatten(1) @ torch.randn(distinct * groups, 6, generator=g)  # needs every distinct unit
     for picks, values in (
         reconstruction(units, target, distinct),
         facility_location(units.transpose(0, 1).flatten(1), distinct),
     ):
-        assert sorted(p % distinct for p in picks) == list(range(distinct))  # unit 5 + i duplicates unit i
+        assert sorted(p % distinct for p in picks) == list(range(distinct))
         assert len(values) == distinct and all(b >= a for a, b in zip(values, values[1:]))
     picks, values = reconstruction(units, target, len(units[0]))  # a budget past the distinct ones: fills up
     assert sorted(picks) == list(range(8)) and all(b >= a for a, b in zip(values, values[1:]))
@@ -90,6 +82,26 @@ def test_lazy_facility_location_equals_plain_greedy():
     assert all(b > a for a, b in zip(values, values[1:]))
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_reconstruction_equals_plain_greedy_on_least_squares(groups):
+    g = torch.Generator().manual_seed(3)
+    units = torch.randn(60, 10, groups, generator=g, dtype=torch.float64)
+    target = units[:, :4].flatten(1) @ torch.randn(4 * groups, 5, generator=g, dtype=torch.float64)
+    target += 0.5 * torch.randn(60, 5, generator=g, dtype=torch.float64)
+
+    def value(chosen):
+        kept = units[:, chosen].flatten(1)
+        return float(target.square().sum() - (target - kept @ torch.linalg.lstsq(kept, target).solution).square().sum())
+
+    picks, values = [], []
+    for _ in range(7):
+        best = max((u for u in range(10) if u not in picks), key=lambda u: value(picks + [u]))
+        picks.append(best), values.append(value(picks))
+    greedy_picks, greedy_values = reconstruction(units, target, 7)
+    assert greedy_picks == picks
+    assert greedy_values == pytest.approx(values, rel=1e-10)
+
+
 def test_unknown_objective_names_the_valid_ones():
     with pytest.raises(ValueError, match="reconstruction, facility_location"):
         prune_to_width(build("mlp", K * N, 0), build("mlp", N, 0), batches("mlp", 0), objective="magnitude")
@@ -110,7 +122,9 @@ def masked_to(wide, chosen):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_prune_gives_the_small_architecture(name, objective, refit):
     wide, fresh = build(name, K * N, 0), build(name, N, 1)
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
     small = prune_to_width(wide, build(name, N, 2), batches(name, 0), objective, refit)
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())
     assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
     assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in fresh.parameters())
     fresh.load_state_dict(small.state_dict(), strict=True)

@@ -28,10 +28,10 @@ from torch import nn
 from lightning_mk.atomic import write_atomically
 from lightning_mk.distill import Distiller, Ensemble
 from lightning_mk.models import Classifier
+from lightning_mk.submodular import OBJECTIVES, prune_to_width
 
 METHODS = ("baseline", "baseline_reg", "mk", "wide", "distill", "submodular")
 TEACHERS = ("ensemble", "wide")
-OBJECTIVES = ("reconstruction", "facility_location")
 
 
 class ConfigError(ValueError):
@@ -174,8 +174,6 @@ class Runner:
         return self.classifier(student.net), True
 
     def submodular(self) -> tuple[Classifier, bool]:
-        from lightning_mk.submodular import prune_to_width
-
         cfg = self.cfg
         wide = self.classifier(self.net(width=cfg.k * cfg.model.net.n))
         self.fit(wide, log=cfg.method.finetune_epochs == 0)

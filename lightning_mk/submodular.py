@@ -86,7 +86,7 @@ def reconstruction(units: Tensor, target: Tensor, budget: int) -> tuple[list[int
         new = eigval > _NEW_DIRECTION_TOL * own_norm[:, None]
         along = eigvec.transpose(1, 2) @ cross.view(*gram.shape[:2], -1)
         gain = torch.where(new, along.square().sum(2) / eigval, 0).sum(1)
-        gain = gain.masked_fill(~available, -torch.inf)
+        gain = torch.where(new.any(1), gain, -1.0).masked_fill(~available, -torch.inf)
         u = int(gain.argmax())
         available[u] = False
         basis = columns[:, u] @ (eigvec[u][:, new[u]] / eigval[u][new[u]].sqrt())  # orthonormal, [N, r]

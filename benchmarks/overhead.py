@@ -1,0 +1,221 @@
+"""Training-step time and memory of Majority Kernels against the plain and the wide model.
+
+    python benchmarks/overhead.py [--steps 30] [--rounds 5] [--optimizer adam-fused] [--out benchmarks/results]
+
+For an MLP, a ResNet and a Transformer at batch 128 it measures, in one process and interleaved
+(round-robin over all variants, after warm-up), the median time of one full training step
+(forward, backward, optimizer step) of: the plain small model; the "k-copy floor" (the plain step
+plus an optimizer step over (k-1) x the kernel parameters, which any k-copy method must pay); MK
+for every scheme and k in {2, 4, 8}; the wide (k x n) model. Peak memory is measured per variant in
+a fresh subprocess (peak RSS of a few steps, minus the same process's RSS before the model is
+built). Then: collapse time of a ~50M-parameter model, and the inference latency of a collapsed
+model against the plain model (the same architecture, so the ratio should be 1.00).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_mk import apply_majority_kernels, collapse, kernel_copies
+from lightning_mk.kernels import SUPPORTED_LAYERS
+from lightning_mk.models import MLP, ResNet, Transformer
+from lightning_mk.schemes import SCHEMES
+
+BATCH = 128
+MODELS = {
+    # name: (builder(width), input shape); sizes where a plain CPU step takes tens of milliseconds
+    "mlp": (lambda n: MLP((256,), 10, n=n, depth=3), (256,), 512),
+    "resnet": (lambda n: ResNet((1, 64), 10, n=n, channels=48, blocks=3), (1, 64), 48),
+    "transformer": (lambda n: Transformer((64,), 10, n=n, d_model=64, heads=4, layers=3, patch=4), (64,), 128),
+}
+KS = (2, 4, 8)
+
+
+def make_optimizer(params, name: str) -> torch.optim.Optimizer:
+    return {"adam": lambda: torch.optim.Adam(params, lr=1e-3), "adam-fused": lambda: torch.optim.Adam(params, lr=1e-3, fused=True)}[name]()
+
+
+def kernel_numel(model: nn.Module) -> int:
+    """Parameters that MK would copy: the kernels of the supported layers."""
+    total = 0
+    for layer in model.modules():
+        kind = next((t for t in type(layer).__mro__ if t in SUPPORTED_LAYERS), None)
+        if kind is not None:
+            total += sum(layer._parameters[p].numel() for p in SUPPORTED_LAYERS[kind][0] if layer._parameters.get(p) is not None)
+    return total
+
+
+class Variant:
+    """One model + optimizer + a fixed batch; ``step()`` is one full training step."""
+
+    def __init__(self, name: str, model: nn.Module, optimizer: str, shape, extra_numel: int = 0) -> None:
+        torch.manual_seed(0)
+        self.name, self.model = name, model.train()
+        params = list(model.parameters())
+        if extra_numel:  # the k-copy floor: an optimizer step over this many more parameters
+            extra = nn.Parameter(torch.zeros(extra_numel))
+            extra.grad = torch.randn(extra_numel) * 1e-3
+            params.append(extra)
+        self.optimizer = make_optimizer(params, optimizer)
+        self.x = torch.randn(BATCH, *shape)
+        self.y = torch.randint(0, 10, (BATCH,))
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+
+
+def variants(model_name: str, optimizer: str):
+    build, shape, n = MODELS[model_name]
+    torch.manual_seed(0)
+    plain = build(n)
+    yield "plain", lambda: Variant("plain", copy.deepcopy(plain), optimizer, shape)
+    for k in KS:
+        yield f"floor k={k}", lambda k=k: Variant(f"floor k={k}", copy.deepcopy(plain), optimizer, shape, (k - 1) * kernel_numel(plain))
+        for scheme in SCHEMES:
+            yield f"mk {scheme} k={k}", lambda k=k, s=scheme: Variant(
+                f"mk {s} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=s), optimizer, shape
+            )
+        yield f"wide k={k}", lambda k=k: Variant(f"wide k={k}", build(k * n), optimizer, shape)
+
+
+def time_steps(model_name: str, optimizer: str, steps: int, rounds: int) -> dict[str, float]:
+    built = [make() for _, make in variants(model_name, optimizer)]
+    for v in built:  # warm-up
+        for _ in range(3):
+            v.step()
+    for _ in range(rounds):
+        for v in built:
+            for _ in range(steps):
+                start = time.perf_counter()
+                v.step()
+                v.times.append(time.perf_counter() - start)
+    return {v.name: statistics.median(v.times) for v in built}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
+    """In a fresh process: peak RSS (sampled every 0.5 ms by a thread) during the build and 3 steps of
+    one variant, minus the RSS before; printed in MB."""
+    import threading
+
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    v = dict(variants(model_name, optimizer))[variant]()
+    for _ in range(3):
+        v.step()
+    done.set()
+    sampler.join()
+    print(max(peak[0], _rss_mb()) - base)
+
+
+def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
+    code = f"import benchmarks.overhead as o; o.measure_peak_memory({model_name!r}, {optimizer!r}, {variant!r})"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def collapse_and_latency(repeats: int = 30) -> list[str]:
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
+    n_params = sum(p.numel() for p in big.parameters())
+    plain = copy.deepcopy(big).eval()
+    apply_majority_kernels(big, k=4, init="independent")
+    start = time.perf_counter()
+    collapse(big)
+    seconds = time.perf_counter() - start
+    big.eval()
+    x = torch.randn(64, 4096)
+    times = {"plain": [], "collapsed": []}
+    with torch.no_grad():
+        for _ in range(5):
+            plain(x), big(x)
+        for _ in range(repeats):  # interleaved
+            for name, model in (("plain", plain), ("collapsed", big)):
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    return [
+        f"- collapse of a {n_params / 1e6:.1f}M-parameter MLP (3 x Linear(4096, 4096), k=4): {seconds:.3f} s "
+        f"({seconds / (n_params / 1e7):.3f} s per 10M parameters)",
+        f"- inference latency, batch 64, median of {repeats} interleaved: plain {med['plain']:.2f} ms, collapsed "
+        f"{med['collapsed']:.2f} ms, ratio {med['collapsed'] / med['plain']:.2f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--optimizer", default="adam-fused", choices=["adam", "adam-fused"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+
+    lines = [
+        f"# Overhead: `python benchmarks/overhead.py --optimizer {args.optimizer}`",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads. Batch {BATCH}; median step time over {args.rounds} interleaved rounds of "
+        f"{args.steps} steps; optimizer {args.optimizer}.",
+        "",
+    ]
+    for model_name in args.models:
+        build, _, n = MODELS[model_name]
+        plain = build(n)
+        medians = time_steps(model_name, args.optimizer, args.steps, args.rounds)
+        base = medians["plain"]
+        lines += [
+            f"## {model_name} (n={n}, {sum(p.numel() for p in plain.parameters()):,} parameters, "
+            f"{kernel_numel(plain):,} of them in kernels)",
+            "",
+            "| variant | step (ms) | / plain | / floor | peak extra memory (MB) |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for name, median in medians.items():
+            k = name.split("k=")[-1] if "k=" in name else None
+            floor = medians.get(f"floor k={k}") if k else None
+            memory = "" if args.no_memory else f"{peak_memory_mb(model_name, args.optimizer, name):.1f}"
+            ratio_floor = f"{median / floor:.2f}" if floor and not name.startswith(("floor", "wide")) else ""
+            lines.append(f"| {name} | {median * 1000:.2f} | {median / base:.2f} | {ratio_floor} | {memory} |")
+        lines.append("")
+        print("\n".join(lines[-len(medians) - 4 :]), flush=True)
+    lines += ["## Collapse and inference", ""] + collapse_and_latency() + [""]
+    print("\n".join(lines[-3:]))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"overhead-{args.optimizer}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

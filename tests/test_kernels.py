@@ -305,3 +305,17 @@ def test_no_eligible_layer_and_applying_twice_are_errors():
         apply_majority_kernels(model, k=2)
     with pytest.raises(ValueError, match="lazy and not yet initialised"):
         apply_majority_kernels(nn.Sequential(nn.LazyLinear(3)))
+
+
+def test_initialisation_is_the_same_in_another_process():
+    """Ranks and reruns must agree: a seed derived from a salted str hash would differ per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from torch import nn; from lightning_mk import apply_majority_kernels, kernel_copies; "
+        "torch.manual_seed(0); m = apply_majority_kernels(nn.Linear(4, 3), k=3, init='independent', init_noise=0.1, seed=5); "
+        "print(float(kernel_copies(m)['weight'].double().sum()))"
+    )
+    sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    assert len(sums) == 1, sums

@@ -107,5 +107,5 @@ def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(t
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     table = capsys.readouterr().out
     assert "## mnist1d/mlp" in table
-    assert "| baseline | – | 2 |" in table and "| mk (select, k=2) | 2 | 2 |" in table
+    assert "| baseline | – | 2 |" in table and "| mk (select, k=2, replicate, grad_scale=none) | 2 | 2 |" in table
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -141,6 +141,31 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4, scheme: str = "select") -> list[str]:
+    """Median step of plain and MK, eager and ``torch.compile``d (inductor), interleaved after warm-up.
+    The draw runs eagerly inside the compiled model (``MajorityKernel._draw`` is excluded from tracing)."""
+    build, shape, n = MODELS[model_name]
+    torch.manual_seed(0)
+    plain = build(n)
+    runs = {}
+    for name, model in (("plain", copy.deepcopy(plain)), (f"mk {scheme} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=scheme))):
+        runs[f"{name}, eager"] = Variant(name, model, optimizer, shape)
+        compiled = Variant(name, model, optimizer, shape)
+        compiled.model = torch.compile(model)
+        runs[f"{name}, compiled"] = compiled
+    for v in runs.values():
+        for _ in range(3):  # compiles here
+            v.step()
+    for _ in range(rounds):
+        for v in runs.values():
+            for _ in range(steps):
+                start = time.perf_counter()
+                v.step()
+                v.times.append(time.perf_counter() - start)
+    base = statistics.median(runs["plain, eager"].times)
+    return [f"| {model_name} | {name} | {statistics.median(v.times) * 1000:.2f} | {statistics.median(v.times) / base:.2f} |" for name, v in runs.items()]
+
+
 def collapse_and_latency(repeats: int = 30) -> list[str]:
     torch.manual_seed(0)
     big = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
@@ -177,17 +202,25 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam-fused", choices=["adam", "adam-fused"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
 
+    command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
     lines = [
-        f"# Overhead: `python benchmarks/overhead.py --optimizer {args.optimizer}`",
+        f"# Overhead: `{command}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Batch {BATCH}; median step time over {args.rounds} interleaved rounds of "
         f"{args.steps} steps; optimizer {args.optimizer}.",
         "",
     ]
+    if args.compile:
+        lines += ["| model | variant | step (ms) | / plain eager |", "|---|---|--:|--:|"]
+        for model_name in args.models:
+            lines += compiled_vs_eager(model_name, args.optimizer, args.steps, args.rounds)
+            print(lines[-4:], flush=True)
+        return _write(args, "compile", lines)
     for model_name in args.models:
         build, _, n = MODELS[model_name]
         plain = build(n)
@@ -210,10 +243,14 @@ def main() -> None:
         print("\n".join(lines[-len(medians) - 4 :]), flush=True)
     lines += ["## Collapse and inference", ""] + collapse_and_latency() + [""]
     print("\n".join(lines[-3:]))
+    _write(args, args.optimizer, lines)
+
+
+def _write(args, name: str, lines: list[str]) -> None:
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"overhead-{args.optimizer}.md")
+    path = os.path.join(args.out, f"overhead-{name}.md")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
 

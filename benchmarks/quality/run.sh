@@ -22,7 +22,7 @@ for part in "$@"; do
       run hydra.sweep.dir=$d/adam-gs experiment=mnist1d_mlp "task='mlp, ${setting}'" optimizer=adam optimizer.lr=3e-4,1e-3,3e-3 \
         method=mk method.callback.grad_scale=k,matched seed=0,1,2
       run hydra.sweep.dir=$d/sgd experiment=mnist1d_mlp "task='mlp, ${setting}'" optimizer=sgd optimizer.lr=0.01,0.03,0.1 \
-        method=baseline,mk method.callback.grad_scale=none seed=0,1,2
+        method=baseline,mk seed=0,1,2
       run hydra.sweep.dir=$d/sgd-gs experiment=mnist1d_mlp "task='mlp, ${setting}'" optimizer=sgd optimizer.lr=0.01,0.03,0.1 \
         method=mk method.callback.grad_scale=k,matched seed=0,1,2
       ;;

@@ -143,7 +143,7 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
 
 def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4, scheme: str = "select") -> list[str]:
     """Median step of plain and MK, eager and ``torch.compile``d (inductor), interleaved after warm-up.
-    The draw runs eagerly inside the compiled model (``MajorityKernel._draw`` is excluded from tracing)."""
+    The parametrization runs eagerly inside the compiled model (``MajorityKernel.forward`` is not traced)."""
     build, shape, n = MODELS[model_name]
     torch.manual_seed(0)
     plain = build(n)

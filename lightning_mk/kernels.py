@@ -102,17 +102,15 @@ class MajorityKernel(nn.Module):
         self.grad_scale = grad_scale
         self._scheme = get_scheme(scheme)
 
+    @torch.compiler.disable
     def forward(self, copies: Tensor) -> Tensor:
+        """Eager under ``torch.compile``: a traced draw would guard on the step counter (a recompile
+        every step), a ``Generator`` cannot be made in a graph, and one traced frame shared by kernels
+        of different shapes would recompile per shape."""
         if not self.training:
             return copies.mean(0)
         if self.grad_scale != 1.0:
             copies = _ScaleGrad.apply(copies, self.grad_scale)
-        return self._draw(copies)
-
-    @torch.compiler.disable
-    def _draw(self, copies: Tensor) -> Tensor:
-        """Run eagerly under ``torch.compile``: a traced draw would guard on the step counter and
-        recompile every step (and a ``Generator`` cannot be created in a graph)."""
         generator = torch.Generator(copies.device).manual_seed(_key(self.draws.seed, self.draws.step, self.index))
         return self._scheme.combine(copies, generator)
 

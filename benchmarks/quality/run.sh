@@ -3,7 +3,7 @@
 # runs/quality/<part>/, ignored by git) and the report, whose table, plot and per-run CSV are
 # committed under benchmarks/results/quality/<part>/.
 #
-#   bash benchmarks/quality/run.sh PART...      parts: lr schemes inits ks reg mnist1d_mlp ...
+#   bash benchmarks/quality/run.sh PART...      parts: lr overfit
 #
 # Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
@@ -25,6 +25,12 @@ for part in "$@"; do
         method=baseline,mk seed=0,1,2
       run hydra.sweep.dir=$d/sgd-gs experiment=mnist1d_mlp "task='mlp, ${setting}'" optimizer=sgd optimizer.lr=0.01,0.03,0.1 \
         method=mk method.callback.grad_scale=k,matched seed=0,1,2
+      ;;
+    overfit)  # 100 epochs: the MLP fits its 3,600 training samples; SGD, one lr grid for all, 3 seeds
+      run hydra.sweep.dir=$d/plain experiment=mnist1d_mlp trainer.max_epochs=100 "task='mlp 100 ep, ${setting}'" \
+        optimizer=sgd optimizer.lr=0.03,0.1,0.3 method=baseline,baseline_reg,mk seed=0,1,2
+      run hydra.sweep.dir=$d/gs experiment=mnist1d_mlp trainer.max_epochs=100 "task='mlp 100 ep, ${setting}'" \
+        optimizer=sgd optimizer.lr=0.03,0.1,0.3 method=mk method.callback.grad_scale=k seed=0,1,2
       ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -16,7 +16,7 @@ def test_fabric_ddp_example(tmp_path):
     cmd = [sys.executable, EXAMPLE, "--devices", "2", "--epochs", "1", "--num-samples", "600", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    checksums = dict(re.findall(r"rank (\d): plain-model checksum (\S+)", done.stdout + done.stderr))
+    checksums = dict(re.findall(r"rank (\d): plain-model checksum (-?\d+\.\d{10})", done.stdout + done.stderr))
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], "ranks must end with identical weights"
     assert "test accuracy" in done.stdout
     small = MLP((40,), 10, n=64)

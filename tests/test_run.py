@@ -109,3 +109,17 @@ def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(t
     assert "## mnist1d/mlp" in table
     assert "| baseline | – | 2 |" in table and "| mk (select, k=2, replicate, grad_scale=none) | 2 | 2 |" in table
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distill_from_saved_teachers(tmp_path):
+    """teacher_ckpt takes a wide run's model.pt, or k baseline runs' model.pt for an ensemble."""
+    paths = {}
+    for name, method, seed in [("wide", "wide", 0), ("b0", "baseline", 0), ("b1", "baseline", 1)]:
+        run(config(tmp_path / name, f"method={method}", f"seed={seed}", "k=2", "data.module.num_samples=600", *TINY))
+        paths[name] = str(tmp_path / name / "model.pt")
+    wide = run(config(tmp_path / "dw", "method=distill", "method.teacher=wide", f"method.teacher_ckpt={paths['wide']}", "k=2", "data.module.num_samples=600", *TINY))
+    ensemble = run(config(tmp_path / "de", "method=distill", f"method.teacher_ckpt=[{paths['b0']},{paths['b1']}]", "k=2", "data.module.num_samples=600", *TINY))
+    for result in (wide, ensemble):
+        assert result["deployable"] and result["teacher_time_s"] == 0, "a loaded teacher costs no training time"
+    with pytest.raises(ConfigError, match=r"must name 2 file\(s\) for teacher=ensemble"):
+        run(config(tmp_path / "bad", "method=distill", f"method.teacher_ckpt=[{paths['b0']}]", "k=2", *TINY))

@@ -3,7 +3,7 @@
 # runs/quality/<part>/, ignored by git) and the report, whose table, plot and per-run CSV are
 # committed under benchmarks/results/quality/<part>/.
 #
-#   bash benchmarks/quality/run.sh PART...      parts: lr overfit
+#   bash benchmarks/quality/run.sh PART...      parts: lr overfit ablation
 #
 # Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
@@ -31,6 +31,13 @@ for part in "$@"; do
         optimizer=sgd optimizer.lr=0.03,0.1,0.3 method=baseline,baseline_reg,mk seed=0,1,2
       run hydra.sweep.dir=$d/gs experiment=mnist1d_mlp trainer.max_epochs=100 "task='mlp 100 ep, ${setting}'" \
         optimizer=sgd optimizer.lr=0.03,0.1,0.3 method=mk method.callback.grad_scale=k seed=0,1,2
+      ;;
+    ablation)  # at overfit's best shared setting (100 epochs, SGD lr 0.1): every scheme, the other init, k
+      abl=(experiment=mnist1d_mlp trainer.max_epochs=100 "task='mlp 100 ep, ${setting}, ablation'" optimizer=sgd optimizer.lr=0.1)
+      run hydra.sweep.dir=$d/baseline "${abl[@]}" method=baseline seed=0,1,2
+      run hydra.sweep.dir=$d/schemes "${abl[@]}" method=mk method.callback.scheme=select,convex,layer,majority seed=0,1,2
+      run hydra.sweep.dir=$d/init "${abl[@]}" method=mk method.callback.init=independent seed=0,1,2
+      run hydra.sweep.dir=$d/k "${abl[@]}" method=mk k=2,8 seed=0,1,2
       ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

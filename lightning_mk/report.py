@@ -25,7 +25,8 @@ CI_NOTE = (
 )
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float, not a bool (JSON true is not a measurement)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -67,7 +68,7 @@ def load_results(paths, metric: str = "test_acc") -> list[dict]:
                 missing = [field for field in required if field not in run]
                 if missing:
                     raise ValueError(f"{where}: missing field {', '.join(map(repr, missing))}")
-                bad = [f for f in (*NUMERIC, metric) if not _is_number(run[f])]
+                bad = [f for f in (*NUMERIC, metric) if not is_number(run[f])]
                 if bad:
                     raise ValueError(f"{where}: field {bad[0]!r} is not a number: {run[bad[0]]!r}")
                 runs.append(run)
@@ -167,7 +168,7 @@ def _cells(row: dict) -> list[str]:
     else:
         ci = "[–]" if row["ci"] is None else f"[{row['ci'][0]:+.2f}, {row['ci'][1]:+.2f}]"
         delta = f"{row['delta']:+.2f} {ci}" + (" (Welch)" if row["ci"] and row["ci_kind"] == "welch" else "")
-    params = f"{row['params']:,}" if _is_number(row["params"]) else str(row["params"])
+    params = f"{row['params']:,}" if is_number(row["params"]) else str(row["params"])
     return [
         row["label"].replace("|", "\\|"),
         "–" if row["k"] is None else str(row["k"]),

@@ -28,6 +28,7 @@ from torch import nn
 from lightning_mk.atomic import write_atomically
 from lightning_mk.distill import Distiller, Ensemble
 from lightning_mk.models import Classifier
+from lightning_mk.report import is_number
 from lightning_mk.submodular import OBJECTIVES, prune_to_width
 
 METHODS = ("baseline", "baseline_reg", "mk", "wide", "distill", "submodular")
@@ -241,7 +242,7 @@ def run(cfg: DictConfig) -> dict:
         line = (json.dumps(result) + "\n").encode()
         write_atomically(os.path.join(cfg.output_dir, "results.jsonl"), lambda f: f.write(line))
         for logger in loggers:
-            logger.log_metrics({f"final/{key}": float(value) for key, value in result.items() if _is_number(value)})
+            logger.log_metrics({f"final/{key}": float(value) for key, value in result.items() if is_number(value)})
             logger.save()
         print(
             f"[{result['task']}] {result['label']} seed={cfg.seed}: test acc {100 * result['test_acc']:.2f}% "
@@ -253,10 +254,6 @@ def run(cfg: DictConfig) -> dict:
             import wandb
 
             wandb.finish()  # under multirun, the next job must start its own W&B run
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -3,7 +3,7 @@
 # runs/quality/<part>/, ignored by git) and the report, whose table, plot and per-run CSV are
 # committed under benchmarks/results/quality/<part>/.
 #
-#   bash benchmarks/quality/run.sh PART...      parts: lr overfit ablation
+#   bash benchmarks/quality/run.sh PART...      parts: lr overfit ablation mnist1d_mlp_large
 #
 # Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
@@ -38,6 +38,9 @@ for part in "$@"; do
       run hydra.sweep.dir=$d/schemes "${abl[@]}" method=mk method.callback.scheme=select,convex,layer,majority seed=0,1,2
       run hydra.sweep.dir=$d/init "${abl[@]}" method=mk method.callback.init=independent seed=0,1,2
       run hydra.sweep.dir=$d/k "${abl[@]}" method=mk k=2,8 seed=0,1,2
+      ;;
+    mnist1d_mlp_large)  # the capacity-limited regime (50,000 training samples): the main job's methods, 3 seeds
+      run hydra.sweep.dir=$d experiment=mnist1d_mlp_large method=baseline,baseline_reg,mk,wide,distill,submodular seed=0,1,2
       ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -62,8 +62,11 @@ def check_config(cfg: DictConfig) -> None:
         for path in _teacher_paths(cfg):
             if not os.path.isfile(path):
                 raise ConfigError(f"config key 'method.teacher_ckpt' names {path!r}, which does not exist")
-    if method == "submodular" and cfg.method.objective not in OBJECTIVES:
-        raise ConfigError(f"config key 'method.objective' is {cfg.method.objective!r}; allowed: {list(OBJECTIVES)}")
+    if method == "submodular":
+        if cfg.method.objective not in OBJECTIVES:
+            raise ConfigError(f"config key 'method.objective' is {cfg.method.objective!r}; allowed: {list(OBJECTIVES)}")
+        if cfg.method.wide_ckpt is not None and not os.path.isfile(cfg.method.wide_ckpt):
+            raise ConfigError(f"config key 'method.wide_ckpt' names {cfg.method.wide_ckpt!r}, which does not exist")
 
 
 def _teacher_paths(cfg: DictConfig) -> list[str]:
@@ -108,6 +111,7 @@ class Runner:
         trainer.fit(module, self.data)
         self.train_time_s += time.perf_counter() - start
         self.info["train_acc"] = _metric(trainer, "train/acc")
+        self.info["val_acc"] = _metric(trainer, "val/acc")  # what a study tunes on, leaving test_acc unseen
         return trainer
 
     def test(self, module: pl.LightningModule) -> dict:
@@ -177,7 +181,10 @@ class Runner:
     def submodular(self) -> tuple[Classifier, bool]:
         cfg = self.cfg
         wide = self.classifier(self.net(width=cfg.k * cfg.model.net.n))
-        self.fit(wide, log=cfg.method.finetune_epochs == 0)
+        if cfg.method.wide_ckpt is None:
+            self.fit(wide, log=cfg.method.finetune_epochs == 0)
+        else:
+            wide.load_state_dict(torch.load(cfg.method.wide_ckpt, weights_only=True), strict=True)
         small = self.classifier(self.net())
         start = time.perf_counter()
         prune_to_width(wide.net, small.net, self.train_inputs(cfg.method.samples), cfg.method.objective, cfg.method.refit)

@@ -71,6 +71,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method,
         (["data=cifar10", "data.module.root=/no/such/dir"], "config key 'data.module.root' is '/no/such/dir', which does not exist"),
         (["method=distill", "method.teacher=giant"], r"config key 'method.teacher' is 'giant'; allowed: \['ensemble', 'wide'\]"),
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
+        (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
     ],
 )
@@ -123,3 +124,13 @@ def test_distill_from_saved_teachers(tmp_path):
         assert result["deployable"] and result["teacher_time_s"] == 0, "a loaded teacher costs no training time"
     with pytest.raises(ConfigError, match=r"must name 2 file\(s\) for teacher=ensemble"):
         run(config(tmp_path / "bad", "method=distill", f"method.teacher_ckpt=[{paths['b0']}]", "k=2", *TINY))
+
+
+def test_submodular_from_a_saved_wide_model(tmp_path):
+    """wide_ckpt selects from a wide run's model instead of training one: the same selection as in-run."""
+    common = ["seed=0", "k=2", "data.module.num_samples=600", *TINY]
+    run(config(tmp_path / "wide", "method=wide", *common))
+    in_run = run(config(tmp_path / "in_run", "method=submodular", *common))
+    loaded = run(config(tmp_path / "loaded", "method=submodular", f"method.wide_ckpt={tmp_path / 'wide' / 'model.pt'}", "method.finetune_epochs=0", *common))
+    assert loaded["test_acc"] == in_run["test_acc_before_finetune"]
+    assert loaded["train_time_s"] < in_run["train_time_s"], "selection alone costs less than training the wide model"

@@ -3,13 +3,50 @@
 # runs/quality/<part>/, ignored by git) and the report, whose table, plot and per-run CSV are
 # committed under benchmarks/results/quality/<part>/.
 #
-#   bash benchmarks/quality/run.sh PART...      parts: lr overfit ablation mnist1d_mlp_large
+#   bash benchmarks/quality/run.sh PART...
 #
-# Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# parts: lr overfit ablation (the MNIST-1D MLP, 3 seeds, tuned on test: exploratory), and one part per task,
+# every method, 5 seeds, tuned on validation: mnist1d_mlp mnist1d_mlp_large mnist1d_resnet mnist1d_transformer
+# digits_resnet. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
 report() { python -m lightning_mk.report "runs/quality/$1" --out "benchmarks/results/quality/$1"; }
+best() { python benchmarks/quality/select.py "$@"; }
+
+# compare DIR NAME LRS OVERRIDES...: one task, every method, on equal terms.
+#  1. tuning, seeds 100 and 101, scored on validation accuracy: the learning rate of baseline and of mk over
+#     the same grid LRS; then dropout x weight decay of baseline_reg (4 settings, as many as the lr grid) at
+#     the baseline's learning rate.
+#  2. final, seeds 0-4: every method at its chosen setting; wide, distill and submodular at the baseline's.
+#     distill (wide teacher) and submodular select from the same seed's wide run; distill (ensemble teacher)
+#     distils the other 4 seeds' baselines, so their training time is not in those rows' train time.
+compare() {
+  local d=$1 name=$2 lrs=$3; shift 3
+  local tune=("$@" "task='$name tuning, lr=\${optimizer.lr}'" seed=100,101)
+  run hydra.sweep.dir=$d/tune "${tune[@]}" method=baseline,mk optimizer.lr=$lrs
+  local lr mk_lr reg
+  lr=$(best $d/tune baseline) mk_lr=$(best $d/tune mk)
+  run hydra.sweep.dir=$d/tune "${tune[@]}" hydra.sweep.subdir=reg-\${hydra.job.num} method=baseline_reg $lr \
+    method.dropout=0.1,0.3 method.weight_decay=1e-4,1e-3
+  reg=$(best $d/tune baseline_reg)
+  python -m lightning_mk.report $d/tune --metric val_acc --out benchmarks/results/quality/$part/tuning
+  local final=("$@" "task='$name'") seeds=seed=0,1,2,3,4 each=hydra.sweep.subdir=s\${seed}
+  run hydra.sweep.dir=$d/final/baseline "${final[@]}" $each $seeds method=baseline $lr
+  run hydra.sweep.dir=$d/final/baseline_reg "${final[@]}" $each $seeds method=baseline_reg $reg
+  run hydra.sweep.dir=$d/final/mk "${final[@]}" $each $seeds method=mk $mk_lr
+  run hydra.sweep.dir=$d/final/wide "${final[@]}" $each $seeds method=wide $lr
+  run hydra.sweep.dir=$d/final/distill_wide "${final[@]}" $each $seeds method=distill method.teacher=wide $lr \
+    "method.teacher_ckpt=$d/final/wide/s\${seed}/model.pt"
+  run hydra.sweep.dir=$d/final/submodular "${final[@]}" hydra.sweep.subdir=s\${seed}-ft\${method.finetune_epochs} $seeds \
+    method=submodular $lr "method.wide_ckpt=$d/final/wide/s\${seed}/model.pt" method.finetune_epochs=0,5
+  local s o others
+  for s in 0 1 2 3 4; do
+    others=$(for o in 0 1 2 3 4; do [ $o = $s ] || printf '%s,' "$d/final/baseline/s$o/model.pt"; done)
+    run hydra.sweep.dir=$d/final/distill_ensemble "${final[@]}" $each seed=$s method=distill $lr "method.teacher_ckpt=[${others%,}]"
+  done
+  python -m lightning_mk.report $d/final --out benchmarks/results/quality/$part
+}
 setting='${hydra:runtime.choices.optimizer} lr=${optimizer.lr}'
 
 for part in "$@"; do
@@ -39,9 +76,16 @@ for part in "$@"; do
       run hydra.sweep.dir=$d/init "${abl[@]}" method=mk method.callback.init=independent seed=0,1,2
       run hydra.sweep.dir=$d/k "${abl[@]}" method=mk k=2,8 seed=0,1,2
       ;;
-    mnist1d_mlp_large)  # the capacity-limited regime (50,000 training samples): the main job's methods, 3 seeds
-      run hydra.sweep.dir=$d experiment=mnist1d_mlp_large method=baseline,baseline_reg,mk,wide,distill,submodular seed=0,1,2
-      ;;
+    mnist1d_mlp)  # the overfitting regime (3,600 training samples, 100 epochs: plain training fits them all)
+      compare $d "mnist1d/mlp 100 ep, sgd" 0.01,0.03,0.1,0.2 experiment=mnist1d_mlp trainer.max_epochs=100 optimizer=sgd; continue ;;
+    mnist1d_mlp_large)  # the capacity-limited regime (50,000 training samples)
+      compare $d "mnist1d/mlp-50k, adam" 3e-4,1e-3,3e-3,1e-2 experiment=mnist1d_mlp_large; continue ;;
+    mnist1d_resnet)
+      compare $d "mnist1d/resnet, adam" 3e-4,1e-3,3e-3,1e-2 experiment=mnist1d_resnet; continue ;;
+    mnist1d_transformer)
+      compare $d "mnist1d/transformer, adam" 3e-4,1e-3,3e-3,1e-2 experiment=mnist1d_transformer; continue ;;
+    digits_resnet)
+      compare $d "digits/resnet, adam" 3e-4,1e-3,3e-3,1e-2 experiment=digits_resnet; continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   report "$part"

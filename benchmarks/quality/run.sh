@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
 report() { python -m lightning_mk.report "runs/quality/$1" --out "benchmarks/results/quality/$1"; }
-best() { python benchmarks/quality/select.py "$@"; }
+best() { python benchmarks/quality/best_setting.py "$@"; }
 
 # compare DIR NAME LRS OVERRIDES...: one task, every method, on equal terms.
 #  1. tuning, seeds 100 and 101, scored on validation accuracy: the learning rate of baseline and of mk over

@@ -1,6 +1,6 @@
 """Print the Hydra overrides of the best setting of one method in a tuning sweep, by mean validation accuracy.
 
-    python benchmarks/quality/select.py SWEEP_DIR METHOD [--keys optimizer.lr ...]
+    python benchmarks/quality/best_setting.py SWEEP_DIR METHOD [--keys optimizer.lr ...]
 
 A setting is a run's overrides (``.hydra/overrides.yaml``) restricted to ``--keys``; its score is the mean
 ``val_acc`` over the seeds it ran with. Test accuracy is never looked at, so the final runs' test accuracy is
@@ -19,7 +19,7 @@ import yaml
 from lightning_mk.report import load_results
 
 
-def select(sweep: Path, method: str, keys: list[str]) -> list[str]:
+def best_setting(sweep: Path, method: str, keys: list[str]) -> list[str]:
     scores = defaultdict(list)
     for run in load_results(sweep, metric="val_acc"):
         if run["method"] != method:
@@ -38,4 +38,4 @@ if __name__ == "__main__":
     parser.add_argument("method")
     parser.add_argument("--keys", nargs="+", default=["optimizer.lr", "method.dropout", "method.weight_decay"])
     args = parser.parse_args()
-    print(" ".join(select(args.sweep, args.method, args.keys)))
+    print(" ".join(best_setting(args.sweep, args.method, args.keys)))

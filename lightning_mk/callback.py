@@ -53,6 +53,11 @@ class MajorityKernelCallback(Callback):
         init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
         grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``).
         seed: keys every draw together with the step and the kernel, identically on every rank.
+        anneal_noise: shrink each draw's deviation from the mean linearly to zero over training
+            (``trainer.estimated_stepping_batches``), so the last steps train the model that is
+            evaluated and deployed: the mean.
+        per_rank_noise: each data-parallel rank draws its own coefficients (default: all ranks draw
+            the same, so the ranks' gradients are of one sampled model).
         save_path: file for the plain ``state_dict``; default ``<log_dir>/small_model.pt``.
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
@@ -71,6 +76,8 @@ class MajorityKernelCallback(Callback):
         init_noise: float = 0.0,
         grad_scale: Union[str, float] = "none",
         seed: int = 0,
+        anneal_noise: bool = False,
+        per_rank_noise: bool = False,
         save_path: Optional[Union[str, os.PathLike]] = None,
         collapse_module: bool = False,
         log_spread: bool = True,
@@ -78,6 +85,9 @@ class MajorityKernelCallback(Callback):
         _check_options(k, scheme, init, grad_scale, init_noise)
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
+        for name, flag in (("anneal_noise", anneal_noise), ("per_rank_noise", per_rank_noise)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.k = int(k)
         self.scheme = scheme
         self.init = init
@@ -88,12 +98,15 @@ class MajorityKernelCallback(Callback):
         self.init_noise = init_noise
         self.grad_scale = grad_scale
         self.seed = int(seed)
+        self.anneal_noise = anneal_noise
+        self.per_rank_noise = per_rank_noise
         self.save_path = None if save_path is None else os.fspath(save_path)
         self.collapse_module = collapse_module
         self.log_spread = log_spread
         self._module: Optional[weakref.ref] = None  # the module this callback rewrote (and maybe collapsed)
         self._draws: Optional[Draws] = None  # None once that module is collapsed
         self._step = 0
+        self._total_steps = 0  # optimizer steps in this fit, for anneal_noise
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
@@ -108,6 +121,8 @@ class MajorityKernelCallback(Callback):
                     "this module was collapsed by this MajorityKernelCallback at the end of an earlier fit; "
                     "use a new MajorityKernelCallback to train it with majority kernels again"
                 )
+            if self.anneal_noise and trainer.max_steps == -1 and trainer.max_epochs == -1:
+                raise ValueError("anneal_noise=True needs a finite training length: set max_epochs or max_steps")
             self._resolve_save_path(trainer)
         configure_model = pl_module.configure_model
 
@@ -154,15 +169,21 @@ class MajorityKernelCallback(Callback):
             init_noise=self.init_noise,
             grad_scale=self.grad_scale,
             seed=self.seed,
+            rank=pl_module.global_rank if self.per_rank_noise else None,
             step_on_forward=False,
         )
         self._module = weakref.ref(pl_module)
         self._draws = next(m for m in pl_module.modules() if isinstance(m, MajorityKernel)).draws
         self._draws.step = self._step
 
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._total_steps = trainer.estimated_stepping_batches
+
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._step += 1
         self._draws.step = self._step
+        if self.anneal_noise:  # by optimizer steps taken, so a resumed run continues the schedule
+            self._draws.noise = max(0.0, 1.0 - trainer.global_step / self._total_steps)
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.log_spread:

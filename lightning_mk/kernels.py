@@ -55,22 +55,33 @@ GRAD_SCALES = ("none", "k", "matched")
 _INIT_STEP, _NOISE_STEP = -1, -2  # draw steps are >= 0: these keys never collide with a training draw
 
 
-def _key(seed: int, step: int, index: int) -> int:
+def _key(*ints: int) -> int:
     """A generator seed from integers only: the same in every process (``hash`` of a ``str`` is
     salted per process, of a tuple of ints it is not)."""
-    return hash((seed, step, index)) & (2**63 - 1)
+    return hash(ints) & (2**63 - 1)
 
 
 class Draws:
-    """The seed and draw counter shared by all kernels of one model.
+    """The seed, draw counter and noise level shared by all kernels of one model.
 
     As a forward pre-hook on the root module it advances the counter once per training forward; the
-    Lightning callback instead sets ``step`` itself once per training batch.
+    Lightning callback instead sets ``step`` itself once per training batch. ``noise`` in [0, 1]
+    scales each draw's deviation from the mean (1: the scheme's draw, 0: the mean itself), which is
+    how the callback anneals the noise. ``rank`` (None: every process draws the same) gives each
+    data-parallel process its own draws.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, rank: Optional[int] = None) -> None:
         self.seed = seed
         self.step = 0
+        self.noise = 1.0
+        self.rank = rank
+
+    def key(self, index: int) -> int:
+        """The generator seed of kernel ``index`` at the current step."""
+        if self.rank is None:
+            return _key(self.seed, self.step, index)
+        return _key(self.seed, self.step, index, self.rank)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if module.training:
@@ -111,8 +122,11 @@ class MajorityKernel(nn.Module):
             return copies.mean(0)
         if self.grad_scale != 1.0:
             copies = _ScaleGrad.apply(copies, self.grad_scale)
-        generator = torch.Generator(copies.device).manual_seed(_key(self.draws.seed, self.draws.step, self.index))
-        return self._scheme.combine(copies, generator)
+        generator = torch.Generator(copies.device).manual_seed(self.draws.key(self.index))
+        kernel = self._scheme.combine(copies, generator)
+        if self.draws.noise != 1.0:
+            kernel = torch.lerp(copies.mean(0), kernel, self.draws.noise)
+        return kernel
 
     def get_extra_state(self) -> dict:
         return {"k": self.k, "scheme": self.scheme}
@@ -239,6 +253,7 @@ def apply_majority_kernels(
     init_noise: float = 0.0,
     grad_scale: Union[str, float] = "none",
     seed: int = 0,
+    rank: Optional[int] = None,
     step_on_forward: bool = True,
 ) -> nn.Module:
     """Give every chosen kernel of ``module`` ``k`` trainable copies, in place; returns ``module``.
@@ -255,6 +270,9 @@ def apply_majority_kernels(
     ``grad_scale`` multiplies the copies' gradients: ``"none"`` (1), ``"k"`` (the mean then moves
     at the plain model's pace under SGD) or ``"matched"`` (``1 / E[sum a_i^2]``: the sampled kernel
     moves one plain step per step), or a number.
+
+    ``rank`` (e.g. the process's global rank) gives each data-parallel process its own draws
+    ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.
 
     With ``step_on_forward`` every training-mode forward of ``module`` draws new coefficients;
     otherwise the caller advances ``Draws.step`` (the Lightning callback does, once per batch).
@@ -285,7 +303,7 @@ def apply_majority_kernels(
                     f"{name}.{pname} is tied to {tied} but is not chosen; include both layers or exclude both"
                 )
 
-    draws = Draws(int(seed))
+    draws = Draws(int(seed), None if rank is None else int(rank))
     for index, (pid, uses) in enumerate(users.items()):
         _, layer, pname = uses[0]
         copies = nn.Parameter(_init_copies(params[pid], layer, pname, k, init, init_noise, int(seed), index))

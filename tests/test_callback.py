@@ -218,6 +218,33 @@ def test_bad_arguments_fail_in_init(options, message):
         MajorityKernelCallback(**options)
 
 
+def test_anneal_noise_goes_linearly_from_full_noise_to_the_mean(tmp_path):
+    class Probe(pl.Callback):
+        def __init__(self):
+            self.noise = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.noise.append(pl_module.net[0].parametrizations.weight[0].draws.noise)
+
+    probe = Probe()  # after the MK callback, so it sees this step's level
+    cb = MajorityKernelCallback(k=2, anneal_noise=True, save_path=tmp_path / "small.pt")
+    trainer(tmp_path, max_epochs=2, callbacks=[cb, probe]).fit(TinyModule(), loader(n=64, batch_size=16))
+    assert probe.noise == pytest.approx([1 - step / 8 for step in range(8)])  # 2 epochs x 4 batches
+
+
+def test_anneal_noise_needs_a_finite_run(tmp_path):
+    model = TinyModule()
+    with pytest.raises(ValueError, match="anneal_noise=True needs a finite training length"):
+        trainer(tmp_path, max_epochs=-1, callbacks=[MajorityKernelCallback(k=2, anneal_noise=True)]).fit(model, loader())
+    assert model.training_steps == 0
+
+
+@pytest.mark.parametrize("name", ["anneal_noise", "per_rank_noise"])
+def test_noise_flags_must_be_booleans(name):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):
+        MajorityKernelCallback(**{name: "yes"})
+
+
 def test_include_must_be_a_list():
     with pytest.raises(TypeError, match="list of glob patterns"):
         MajorityKernelCallback(exclude="head")

@@ -1,25 +1,32 @@
-"""DDP with 2 CPU processes: identical draws on every rank, identical parameters, one small-model file."""
+"""DDP with 2 CPU processes: identical draws on every rank (or each its own, with per_rank_noise),
+identical parameters, one small-model file."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import TinyModule
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("per_rank", [False, True])
+def test_ddp_two_cpu_processes(tmp_path, per_rank):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, worker, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, worker, str(tmp_path)] + ["per_rank"] * per_rank
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert len(rank0["sampled"]) == len(rank1["sampled"]) == 8  # 2 epochs x 4 batches per rank
-    for a, b in zip(rank0["sampled"], rank1["sampled"]):
-        assert torch.equal(a, b), "every rank must draw the same coefficients"
+    same = [torch.equal(a, b) for a, b in zip(rank0["sampled"], rank1["sampled"])]
+    if per_rank:  # the first step cannot differ: replicated copies are all equal until the first update
+        assert not any(same[1:]), "with per_rank_noise each rank draws its own coefficients"
+    else:
+        assert all(same), "every rank must draw the same coefficients"
     assert not torch.equal(rank0["sampled"][0], rank0["sampled"][1]), "each step draws afresh"
     for key, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][key]), key

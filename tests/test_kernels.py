@@ -226,6 +226,36 @@ def test_include_exclude_and_layer_types_choose_layers():
     assert sorted(kernel_copies(model)) == ["1.weight"], "frozen kernels are left alone"
 
 
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_noise_level_scales_the_draws_deviation_from_the_mean(scheme):
+    model, _ = build("Linear")
+    apply_majority_kernels(model, k=4, scheme=scheme, init="independent", step_on_forward=False)
+    draws = model.layer.parametrizations.weight[0].draws
+    mean = kernel_copies(model)["layer.weight"].mean(0)
+    model.train()
+    draws.step = 5
+    full = model.layer.weight
+    draws.noise = 0.25
+    torch.testing.assert_close(model.layer.weight, mean + 0.25 * (full - mean))
+    draws.noise = 0.0
+    torch.testing.assert_close(model.layer.weight, mean, rtol=0, atol=0)
+
+
+def test_rank_gives_each_process_its_own_draws():
+    sampled = {}
+    for rank in (None, 0, 1):
+        model, _ = build("Linear")
+        apply_majority_kernels(model, k=4, init="independent", rank=rank)
+        model.train()
+        sampled[rank] = model.layer.weight
+    assert not torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[None], sampled[0]), "rank None (shared draws) is its own stream"
+    model, _ = build("Linear")
+    apply_majority_kernels(model, k=4, init="independent", rank=1)
+    model.train()
+    assert torch.equal(model.layer.weight, sampled[1]), "the same rank draws the same coefficients"
+
+
 def test_raw_pytorch_draws_once_per_training_forward_and_collapse_removes_the_hook():
     model, x = build("Linear")
     apply_majority_kernels(model, k=4, scheme="select")

@@ -7,7 +7,7 @@
 #
 # parts: lr overfit ablation (the MNIST-1D MLP, 3 seeds, tuned on test: exploratory), and one part per task,
 # every method, 5 seeds, tuned on validation: mnist1d_mlp mnist1d_mlp_large mnist1d_resnet mnist1d_transformer
-# digits_resnet. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# digits_resnet; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
@@ -86,6 +86,24 @@ for part in "$@"; do
       compare $d "mnist1d/transformer, adam" 3e-4,1e-3,3e-3,1e-2 experiment=mnist1d_transformer; continue ;;
     digits_resnet)
       compare $d "digits/resnet, adam" 3e-4,1e-3,3e-3,1e-2 experiment=digits_resnet; continue ;;
+    options)  # each documented option against mk at mk's tuned setting on the overfitting MLP task, 5 seeds
+      t=runs/quality/mnist1d_mlp
+      lr=$(best $t/tune baseline) mk_lr=$(best $t/tune mk)
+      task=(experiment=mnist1d_mlp trainer.max_epochs=100 optimizer=sgd)
+      run hydra.sweep.dir=$d/anneal "${task[@]}" "task='mnist1d/mlp 100 ep, sgd'" hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4 \
+        method=mk $mk_lr method.callback.anneal_noise=true "method.label='mk (select, k=4, replicate, anneal_noise)'"
+      # per-rank noise needs ranks: DDP, 2 CPU processes (global batch 256), one run per job (multirun and
+      # Lightning's DDP launcher do not mix), the same baseline and mk settings as above
+      ddp() { python -m lightning_mk.run logger=none +trainer.enable_progress_bar=false "${task[@]}" trainer.devices=2 \
+                +trainer.strategy=ddp "task='mnist1d/mlp 100 ep, sgd, ddp 2 processes'" "$@"; }
+      for s in 0 1 2 3 4; do
+        ddp seed=$s hydra.run.dir=$d/ddp/baseline-s$s method=baseline $lr
+        ddp seed=$s hydra.run.dir=$d/ddp/mk-s$s method=mk $mk_lr
+        ddp seed=$s hydra.run.dir=$d/ddp/mk-per-rank-s$s method=mk $mk_lr method.callback.per_rank_noise=true \
+          "method.label='mk (select, k=4, replicate, per_rank_noise)'"
+      done
+      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   report "$part"

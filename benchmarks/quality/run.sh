@@ -7,7 +7,8 @@
 #
 # parts: lr overfit ablation (the MNIST-1D MLP, 3 seeds, tuned on test: exploratory), and one part per task,
 # every method, 5 seeds, tuned on validation: mnist1d_mlp mnist1d_mlp_large mnist1d_resnet mnist1d_transformer
-# digits_resnet; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# digits_resnet; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task, and
+# digits_ablation (after digits_resnet): the other schemes and init on a second task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
@@ -102,6 +103,14 @@ for part in "$@"; do
         ddp seed=$s hydra.run.dir=$d/ddp/mk-per-rank-s$s method=mk $mk_lr method.callback.per_rank_noise=true \
           "method.label='mk (select, k=4, replicate, per_rank_noise)'"
       done
+      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      continue ;;
+    digits_ablation)  # the other schemes and the other init on a second task, at mk's tuned setting, 5 seeds
+      t=runs/quality/digits_resnet
+      mk_lr=$(best $t/tune mk)
+      abl=(experiment=digits_resnet "task='digits/resnet, adam'" method=mk $mk_lr seed=0,1,2,3,4)
+      run hydra.sweep.dir=$d/schemes "${abl[@]}" method.callback.scheme=convex,layer,majority
+      run hydra.sweep.dir=$d/init "${abl[@]}" method.callback.init=independent
       python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -193,8 +193,7 @@ class MajorityKernelCallback(Callback):
             pl_module.log_dict(metrics, on_step=False, on_epoch=True)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # consolidated by the strategy (a collective under sharding), then averaged on every rank
-        state = collapsed_state_dict(trainer.strategy.lightning_module_state_dict())
+        state = _collapsed_full_state(trainer.strategy)
         if trainer.is_global_zero:
             write_atomically(self.save_path, lambda f: torch.save(state, f))
             rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
@@ -214,6 +213,21 @@ class MajorityKernelCallback(Callback):
         self._step = state_dict["step"]
         if self._draws is not None:
             self._draws.step = self._step
+
+
+def _collapsed_full_state(strategy: "pl.strategies.Strategy") -> dict[str, Any]:
+    """The plain model's state dict with full tensors, on every rank (collectives inside).
+
+    Strategies consolidate their state dict (FSDP's "full" state dict gathers); DeepSpeed ZeRO-3 keeps
+    parameters partitioned outside ``GatheredParameters``, so they are gathered here and copied out.
+    """
+    if not getattr(strategy, "zero_stage_3", False):
+        return collapsed_state_dict(strategy.lightning_module_state_dict())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(strategy.lightning_module.parameters())):
+        state = collapsed_state_dict(strategy.lightning_module)
+        return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
 
 
 def _unpatch(pl_module: "pl.LightningModule") -> None:

@@ -1,6 +1,8 @@
 """MajorityKernelCallback in a real Trainer: save, load, eval metrics, resume, setup-time errors."""
 
+import contextlib
 import os
+import sys
 import types
 
 import lightning.pytorch as pl
@@ -11,7 +13,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from helpers import TinyModule, loader, trainer
-from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, kernel_copies
+from lightning_mk.callback import _collapsed_full_state
 from lightning_mk.atomic import write_atomically
 
 
@@ -255,6 +258,29 @@ def test_sharded_strategies_are_refused_at_setup():
     fake_trainer = types.SimpleNamespace(callbacks=[cb], strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="single-device and DDP strategies, not FSDPStrategy"):
         cb.setup(fake_trainer, TinyModule(), "fit")
+
+
+def test_zero3_parameters_are_gathered_then_copied_out(monkeypatch):
+    """DeepSpeed needs CUDA, so a stand-in for deepspeed.zero.GatheredParameters checks the CPU side: every
+    parameter is gathered, and the state is copied out before the parameters are partitioned again."""
+    model = apply_majority_kernels(TinyModule(), k=2, init="independent", step_on_forward=False)
+    expected = {key: value.clone() for key, value in collapsed_state_dict(model).items()}
+    gathered = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params):
+        gathered.append(params)
+        yield
+        with torch.no_grad():  # leaving the context frees the gathered data; here it is overwritten
+            for p in params:
+                p.zero_()
+
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=gathered_parameters)))
+    state = _collapsed_full_state(types.SimpleNamespace(zero_stage_3=True, lightning_module=model))
+    assert [len(params) for params in gathered] == [len(list(model.parameters()))]
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
 
 
 def test_spread_is_logged(tmp_path):

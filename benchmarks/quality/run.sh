@@ -8,7 +8,8 @@
 # parts: lr overfit ablation (the MNIST-1D MLP, 3 seeds, tuned on test: exploratory), and one part per task,
 # every method, 5 seeds, tuned on validation: mnist1d_mlp mnist1d_mlp_large mnist1d_resnet mnist1d_transformer
 # digits_resnet; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task, and
-# digits_ablation (after digits_resnet): the other schemes and init on a second task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# digits_ablation (after digits_resnet): the other schemes and init on a second task; transformer_ablation
+# (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
@@ -111,6 +112,15 @@ for part in "$@"; do
       abl=(experiment=digits_resnet "task='digits/resnet, adam'" method=mk $mk_lr seed=0,1,2,3,4)
       run hydra.sweep.dir=$d/schemes "${abl[@]}" method.callback.scheme=convex,layer,majority
       run hydra.sweep.dir=$d/init "${abl[@]}" method.callback.init=independent
+      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      continue ;;
+    transformer_ablation)  # where MK hurt most: copies only in the blocks' MLPs; the smooth scheme; 5 seeds
+      t=runs/quality/mnist1d_transformer
+      mk_lr=$(best $t/tune mk)
+      abl=(experiment=mnist1d_transformer "task='mnist1d/transformer, adam'" method=mk $mk_lr seed=0,1,2,3,4)
+      run hydra.sweep.dir=$d/mlps "${abl[@]}" 'method.callback.include=["net.blocks.*.fc1","net.blocks.*.fc2"]' \
+        "method.label='mk (select, k=4, replicate, block MLPs only)'"
+      run hydra.sweep.dir=$d/layer "${abl[@]}" method.callback.scheme=layer
       python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -177,7 +177,8 @@ class MajorityKernelCallback(Callback):
         self._draws.step = self._step
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._total_steps = trainer.estimated_stepping_batches
+        if self.anneal_noise:  # only then: estimating the run's length may set up the train dataloader
+            self._total_steps = trainer.estimated_stepping_batches
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._step += 1

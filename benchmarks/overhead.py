@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mk import apply_majority_kernels, collapse, kernel_copies
+from lightning_mk import apply_majority_kernels, collapse
 from lightning_mk.kernels import SUPPORTED_LAYERS
 from lightning_mk.models import MLP, ResNet, Transformer
 from lightning_mk.schemes import SCHEMES

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import weakref
@@ -11,8 +12,9 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_mk.atomic import write_atomically
 from lightning_mk.kernels import (
@@ -25,12 +27,13 @@ from lightning_mk.kernels import (
     copy_spread,
 )
 
-__all__ = ["MajorityKernelCallback", "VERIFIED_STRATEGIES"]
+__all__ = ["MajorityKernelCallback", "SUPPORTED_STRATEGIES"]
 
-#: Strategies this release was tested with, by exact type (DeepSpeed, a DDPStrategy subclass, is not).
-#: The sharded code path (the strategy consolidates the state dict, every rank averages) is written and
-#: waits for tests/gpu/ to pass on a GPU machine before FSDP and DeepSpeed join this tuple.
-VERIFIED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+#: Strategies the callback works with, subclasses included (DeepSpeedStrategy is a DDPStrategy). FSDP
+#: and DeepSpeed are tested on the CPU through Lightning (tests/test_sharded.py); the README's support
+#: table says what ran where.
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy)
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)
 
 
 class MajorityKernelCallback(Callback):
@@ -41,7 +44,8 @@ class MajorityKernelCallback(Callback):
     Training steps draw a fresh combination of the copies; validation and test run in eval mode on
     the mean, so the metrics logged are the deployable model's. At the end of ``fit`` the plain
     model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads with
-    ``strict=True`` into the user's unmodified LightningModule.
+    ``strict=True`` into the user's unmodified LightningModule. Under FSDP and DeepSpeed the copies are
+    sharded like any parameter and gathered into full tensors for that file.
 
     Args:
         k: copies per kernel (>= 2).
@@ -61,7 +65,8 @@ class MajorityKernelCallback(Callback):
         save_path: file for the plain ``state_dict``; default ``<log_dir>/small_model.pt``.
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
-        log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch.
+        log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
+            under FSDP and DeepSpeed ZeRO-3 this gathers the copies once per epoch, as at the end.
     """
 
     def __init__(
@@ -110,10 +115,15 @@ class MajorityKernelCallback(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
-        if type(strategy) not in VERIFIED_STRATEGIES:
+        if not isinstance(strategy, SUPPORTED_STRATEGIES):
             raise ValueError(
-                f"MajorityKernelCallback supports single-device and DDP strategies, not {type(strategy).__name__} "
-                "(sharded strategies such as FSDP and DeepSpeed are not verified yet: see the README's support table)"
+                "MajorityKernelCallback supports the single-device, DDP, FSDP and DeepSpeed strategies, "
+                f"not {type(strategy).__name__}"
+            )
+        if self.collapse_module and isinstance(strategy, SHARDED_STRATEGIES):
+            raise ValueError(
+                f"collapse_module=True rewrites the module in place, which {type(strategy).__name__} has wrapped "
+                "or partitioned; load the saved small model (save_path) into a new module instead"
             )
         if stage == "fit":
             if self._owns(pl_module) and self._draws is None:
@@ -157,21 +167,27 @@ class MajorityKernelCallback(Callback):
         """Rewrite the module, unless an earlier stage already did (e.g. ``trainer.test()`` after ``fit``)."""
         if self._owns(pl_module):
             return
-        apply_majority_kernels(
-            pl_module,
-            self.k,
-            self.scheme,
-            self.init,
-            include=self.include,
-            exclude=self.exclude,
-            layer_types=self.layer_types,
-            biases=self.biases,
-            init_noise=self.init_noise,
-            grad_scale=self.grad_scale,
-            seed=self.seed,
-            rank=pl_module.global_rank if self.per_rank_noise else None,
-            step_on_forward=False,
-        )
+        if any(isinstance(m, FullyShardedDataParallel) for m in pl_module.modules()):
+            raise ValueError(
+                "configure_model wrapped layers in FSDP itself; MajorityKernelCallback must rewrite them first: "
+                "let FSDPStrategy wrap them (its auto_wrap_policy) instead"
+            )
+        with _gathered(pl_module):  # DeepSpeed ZeRO-3 built the layers partitioned: copy whole weights
+            apply_majority_kernels(
+                pl_module,
+                self.k,
+                self.scheme,
+                self.init,
+                include=self.include,
+                exclude=self.exclude,
+                layer_types=self.layer_types,
+                biases=self.biases,
+                init_noise=self.init_noise,
+                grad_scale=self.grad_scale,
+                seed=self.seed,
+                rank=pl_module.global_rank if self.per_rank_noise else None,
+                step_on_forward=False,
+            )
         self._module = weakref.ref(pl_module)
         self._draws = next(m for m in pl_module.modules() if isinstance(m, MajorityKernel)).draws
         self._draws.step = self._step
@@ -188,15 +204,17 @@ class MajorityKernelCallback(Callback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.log_spread:
-            spread = copy_spread(pl_module)
+            state = _full_state(trainer.strategy)
+            spread = trainer.strategy.broadcast(copy_spread(state) if trainer.is_global_zero else None)
             metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
             metrics["mk/spread"] = sum(spread.values()) / len(spread)
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        state = _collapsed_full_state(trainer.strategy)
+        state = _full_state(trainer.strategy)
         if trainer.is_global_zero:
-            write_atomically(self.save_path, lambda f: torch.save(state, f))
+            small = collapsed_state_dict(state)
+            write_atomically(self.save_path, lambda f: torch.save(small, f))
             rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
@@ -216,19 +234,41 @@ class MajorityKernelCallback(Callback):
             self._draws.step = self._step
 
 
-def _collapsed_full_state(strategy: "pl.strategies.Strategy") -> dict[str, Any]:
-    """The plain model's state dict with full tensors, on every rank (collectives inside).
-
-    Strategies consolidate their state dict (FSDP's "full" state dict gathers); DeepSpeed ZeRO-3 keeps
-    parameters partitioned outside ``GatheredParameters``, so they are gathered here and copied out.
-    """
-    if not getattr(strategy, "zero_stage_3", False):
-        return collapsed_state_dict(strategy.lightning_module_state_dict())
+def _gathered(module: "pl.LightningModule") -> contextlib.AbstractContextManager:
+    """Inside, DeepSpeed ZeRO-3's partitioned parameters of ``module`` are whole on every rank."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(strategy.lightning_module.parameters())):
-        state = collapsed_state_dict(strategy.lightning_module)
-        return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def _full_state(strategy: Strategy) -> dict[str, Any]:
+    """The MK model's state dict with whole tensors, complete on rank zero (a collective: every rank calls it).
+
+    Unsharded strategies: the module's own tensors, on every rank. FSDP: its full state dict, gathered
+    into rank zero's CPU memory when training on GPUs (other ranks get ``{}``). DeepSpeed ZeRO-3: each
+    partitioned parameter gathered in turn and copied to rank zero's CPU memory (other ranks get ``{}``).
+    """
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        to_cpu = strategy.root_device.type != "cpu"
+        return get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=to_cpu))
+    state = strategy.lightning_module.state_dict(keep_vars=True)
+    if not any(hasattr(value, "ds_id") for value in state.values()):
+        return state
+    import deepspeed
+
+    whole: dict[int, torch.Tensor] = {}  # by parameter: tied copies are gathered once and stay one tensor
+    for key, value in state.items():
+        if hasattr(value, "ds_id"):
+            if id(value) not in whole:
+                with deepspeed.zero.GatheredParameters([value]):
+                    whole[id(value)] = value.detach().to("cpu", copy=True) if strategy.is_global_zero else None
+            state[key] = whole[id(value)]
+    return state if strategy.is_global_zero else {}
 
 
 def _unpatch(pl_module: "pl.LightningModule") -> None:

@@ -13,6 +13,7 @@ the same coefficients with no communication, tied weights share one draw, and a 
 from __future__ import annotations
 
 import fnmatch
+import json
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -101,6 +102,17 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _kernel_settings(value: Any) -> Optional[dict]:
+    """``{"k", "scheme"}`` from a majority kernel's extra state; None for any other value."""
+    if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+        return None
+    try:
+        settings = json.loads(bytes(value.tolist()))
+    except ValueError:
+        return None
+    return settings if isinstance(settings, dict) and set(settings) == {"k", "scheme"} else None
+
+
 class MajorityKernel(nn.Module):
     """Parametrization ``[k, *S] -> S``: a random combination of the copies in training, their mean in eval."""
 
@@ -128,13 +140,18 @@ class MajorityKernel(nn.Module):
             kernel = torch.lerp(copies.mean(0), kernel, self.draws.noise)
         return kernel
 
-    def get_extra_state(self) -> dict:
-        return {"k": self.k, "scheme": self.scheme}
+    def get_extra_state(self) -> Tensor:
+        """``k`` and the scheme, as JSON in a uint8 tensor: distributed checkpoints (FSDP's sharded state
+        dict, ``torch.distributed.checkpoint``) expect tensors in a model's state."""
+        return torch.frombuffer(bytearray(json.dumps({"k": self.k, "scheme": self.scheme}).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict) -> None:
-        if (state["k"], state["scheme"]) != (self.k, self.scheme):
+    def set_extra_state(self, state: Tensor) -> None:
+        saved = _kernel_settings(state)
+        if saved is None:
+            raise ValueError(f"the state being loaded has no majority-kernel settings where this model has them: {state!r}")
+        if (saved["k"], saved["scheme"]) != (self.k, self.scheme):
             raise ValueError(
-                f"the state being loaded has majority kernels with k={state['k']}, scheme={state['scheme']!r}, "
+                f"the state being loaded has majority kernels with k={saved['k']}, scheme={saved['scheme']!r}, "
                 f"but this model has k={self.k}, scheme={self.scheme!r}; use the same k and scheme to resume"
             )
 
@@ -347,35 +364,46 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def _kernels_in(state: Mapping[str, Any]) -> dict[str, str]:
+    """``<layer>.parametrizations.<name>.original`` -> ``<layer>.<name>`` for every majority kernel in a
+    state dict, found by its extra state."""
+    kernels = {}
+    for key, value in state.items():
+        if key.endswith(_EXTRA) and _kernel_settings(value) is not None:
+            layer, _, name = key[: -len(_EXTRA)].rpartition("parametrizations.")
+            kernels[key[: -len(_EXTRA)] + ".original"] = layer + name
+    return kernels
+
+
+def _storage(tensor: Tensor) -> tuple:
+    """Equal for the entries of tied copies (one tensor under several keys)."""
+    return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+
+
 def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, Any]:
     """The state dict of the plain model: every set of copies replaced by its mean, under the plain
     parameter's key; tied copies are averaged once and shared. ``source`` is the MK module (left
     untouched: no deep copy) or its state dict, e.g. one a sharded strategy consolidated; sharded
     ``DTensor`` entries are gathered, so with FSDP2 every rank must call it."""
     state = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
-    kernels = {  # "<layer>.parametrizations.<name>" of every majority kernel, found by its extra state
-        key[: -len(_EXTRA)]
-        for key, value in state.items()
-        if key.endswith(_EXTRA) and isinstance(value, dict) and set(value) == {"k", "scheme"}
-    }
+    kernels = _kernels_in(state)
     means: dict[tuple, Tensor] = {}
     out = {}
     with torch.no_grad():
         for key, value in state.items():
-            if key.endswith(_EXTRA) and key[: -len(_EXTRA)] in kernels:
+            if key.endswith(_EXTRA) and key[: -len(_EXTRA)] + ".original" in kernels:
                 continue
             if not isinstance(value, Tensor):
                 out[key] = value
                 continue
             value = _full(value).detach()
-            if not (key.endswith(".original") and key[: -len(".original")] in kernels):
+            if key not in kernels:
                 out[key] = value
                 continue
-            layer, _, name = key[: -len(".original")].rpartition("parametrizations.")
-            same = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+            same = _storage(value)
             if same not in means:
                 means[same] = value.mean(0)
-            out[layer + name] = means[same]
+            out[kernels[key]] = means[same]
     return out
 
 
@@ -400,11 +428,19 @@ def collapse(module: nn.Module) -> nn.Module:
     return module
 
 
-def copy_spread(module: nn.Module) -> dict[str, float]:
-    """Per set of copies: RMS distance of the copies from their mean, relative to the mean's RMS."""
-    spread = {}
+def copy_spread(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, float]:
+    """Per set of copies: RMS distance of the copies from their mean, relative to the mean's RMS.
+    ``source`` is the MK module or its state dict (``DTensor`` entries are gathered, as in
+    :func:`collapsed_state_dict`)."""
+    state = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
+    spread, seen = {}, set()
     with torch.no_grad():
-        for name, copies in kernel_copies(module).items():
-            mean = copies.mean(0)
-            spread[name] = ((copies - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+        for key, name in _kernels_in(state).items():
+            copies = _full(state[key]).detach()
+            if _storage(copies) in seen:
+                continue
+            seen.add(_storage(copies))
+            mean = copies.float().mean(0)
+            rms = (copies.float() - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)
+            spread[name] = rms.item()
     return spread

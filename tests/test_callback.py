@@ -1,20 +1,18 @@
 """MajorityKernelCallback in a real Trainer: save, load, eval metrics, resume, setup-time errors."""
 
-import contextlib
 import os
-import sys
 import types
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from helpers import TinyModule, loader, trainer
-from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, kernel_copies
-from lightning_mk.callback import _collapsed_full_state
+import lightning_mk.callback as callback_module
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies
 from lightning_mk.atomic import write_atomically
 
 
@@ -253,34 +251,33 @@ def test_include_must_be_a_list():
         MajorityKernelCallback(exclude="head")
 
 
-def test_sharded_strategies_are_refused_at_setup():
+def test_unsupported_strategies_are_refused_at_setup():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     cb = MajorityKernelCallback(k=2)
-    fake_trainer = types.SimpleNamespace(callbacks=[cb], strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="single-device and DDP strategies, not FSDPStrategy"):
+    fake_trainer = types.SimpleNamespace(callbacks=[cb], strategy=ModelParallelStrategy())
+    with pytest.raises(ValueError, match="single-device, DDP, FSDP and DeepSpeed strategies, not ModelParallelStrategy"):
         cb.setup(fake_trainer, TinyModule(), "fit")
 
 
-def test_zero3_parameters_are_gathered_then_copied_out(monkeypatch):
-    """DeepSpeed needs CUDA, so a stand-in for deepspeed.zero.GatheredParameters checks the CPU side: every
-    parameter is gathered, and the state is copied out before the parameters are partitioned again."""
-    model = apply_majority_kernels(TinyModule(), k=2, init="independent", step_on_forward=False)
-    expected = {key: value.clone() for key, value in collapsed_state_dict(model).items()}
-    gathered = []
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), DeepSpeedStrategy()])
+def test_collapse_module_is_refused_with_sharded_strategies(strategy):
+    cb = MajorityKernelCallback(k=2, collapse_module=True)
+    with pytest.raises(ValueError, match=f"collapse_module=True rewrites the module in place, which {type(strategy).__name__}"):
+        cb.setup(types.SimpleNamespace(callbacks=[cb], strategy=strategy), TinyModule(), "fit")
 
-    @contextlib.contextmanager
-    def gathered_parameters(params):
-        gathered.append(params)
-        yield
-        with torch.no_grad():  # leaving the context frees the gathered data; here it is overwritten
-            for p in params:
-                p.zero_()
 
-    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(zero=types.SimpleNamespace(GatheredParameters=gathered_parameters)))
-    state = _collapsed_full_state(types.SimpleNamespace(zero_stage_3=True, lightning_module=model))
-    assert [len(params) for params in gathered] == [len(list(model.parameters()))]
-    assert state.keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(state[key], value), key
+def test_layers_wrapped_in_fsdp_by_configure_model_are_refused(tmp_path, monkeypatch):
+    class Wrapped(nn.Module):  # stands in for FSDP, which needs a process group and a GPU to build
+        pass
+
+    class WrapsItself(TinyModule):
+        def configure_model(self):
+            self.net[0] = Wrapped()
+
+    monkeypatch.setattr(callback_module, "FullyShardedDataParallel", Wrapped)
+    with pytest.raises(ValueError, match="configure_model wrapped layers in FSDP itself.*auto_wrap_policy"):
+        trainer(tmp_path, callbacks=[MajorityKernelCallback(k=2)]).fit(WrapsItself(), loader())
 
 
 def test_spread_is_logged(tmp_path):

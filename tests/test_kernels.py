@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mk import SCHEMES, Scheme, apply_majority_kernels, collapse, collapsed_state_dict, kernel_copies
+from lightning_mk import SCHEMES, Scheme, apply_majority_kernels, collapse, collapsed_state_dict, copy_spread, kernel_copies
 from lightning_mk.schemes import get_scheme
 
 
@@ -185,6 +185,17 @@ def test_tied_weights_stay_tied(init):
     assert sum(p.numel() for p in model.parameters()) == n_params
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_copy_spread_of_a_module_or_its_state_dict_counts_tied_copies_once():
+    model = apply_majority_kernels(TiedLM(), k=2, step_on_forward=False)
+    copies = kernel_copies(model)
+    with torch.no_grad():
+        copies["embed.weight"][0] = 1.0
+        copies["embed.weight"][1] = 3.0  # mean 2, every copy 1 from it: relative RMS spread 1/2
+        copies["mix.weight"][1] = copies["mix.weight"][0]
+    assert copy_spread(model) == {"embed.weight": pytest.approx(0.5), "mix.weight": 0.0}
+    assert copy_spread(model.state_dict()) == copy_spread(model)
 
 
 def test_tied_weight_with_one_user_excluded_is_an_error():

@@ -1,0 +1,107 @@
+"""Run by sharded.py as `python sharded_worker.py OUT STRATEGY PRECISION ACCELERATOR DEVICES`, STRATEGY one
+of fsdp, deepspeed_stage_2, deepspeed_stage_3: DEVICES processes train a model whose layers are built in
+configure_model, with MajorityKernelCallback, for 2 epochs; save a sharded checkpoint; resume from it
+for a third epoch and save again.
+
+Each rank writes OUT/rank{r}.pt: the kernel it sampled at every training step, the callback's step
+count after each fit, the copy spread it logged, and how much of the copies it holds outside a forward
+pass.
+
+On the CPU two shims let Lightning run strategies it reserves for GPUs; the callback, Lightning's
+strategies and PyTorch's FSDP / DeepSpeed run unchanged otherwise:
+- FSDP: Lightning refuses an FSDPStrategy on the CPU (its check looks at the exact type, so a subclass
+  passes) and hands FSDP ``device_id=None``, with which FSDP looks for a GPU; given ``device_id=cpu``
+  it runs on gloo. Lightning's "full" checkpoints offload to the CPU, which crashes when the
+  parameters are already there: these runs save "sharded" checkpoints.
+- DeepSpeed: Lightning's ``setup_environment`` refuses a non-CUDA accelerator (that check is skipped)
+  and wants device indices that match the local ranks (given). DeepSpeed runs on its CPU accelerator
+  (``DS_ACCELERATOR=cpu``); told that no compiled op is available, it communicates through gloo
+  instead of compiling a shared-memory all-reduce with the machine's C++ compiler (~45 s, or a failure
+  where there is none).
+"""
+
+import os
+import sys
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import TinyModule, loader, trainer  # noqa: E402
+
+from lightning_mk import MajorityKernelCallback, kernel_copies  # noqa: E402
+
+out, name, precision, accelerator, devices = sys.argv[1:5] + [int(sys.argv[5])]
+on_cpu = accelerator == "cpu"
+
+if on_cpu and name == "fsdp":
+    import torch.distributed.fsdp as fsdp
+
+    class CPUFullyShardedDataParallel(fsdp.FullyShardedDataParallel):
+        def __init__(self, *args, device_id=None, **kwargs):
+            super().__init__(*args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+    fsdp.FullyShardedDataParallel = CPUFullyShardedDataParallel  # what Lightning's FSDPStrategy imports
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        pass
+
+
+if on_cpu and name.startswith("deepspeed"):
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    def setup_environment(self):
+        DDPStrategy.setup_environment(self)
+
+
+def make_strategy():
+    if name == "fsdp":
+        return (CPUFSDPStrategy if on_cpu else FSDPStrategy)(state_dict_type="sharded")
+    stage = int(name.removeprefix("deepspeed_stage_"))
+    if on_cpu:
+        return CPUDeepSpeedStrategy(stage=stage, parallel_devices=[torch.device("cpu", i) for i in range(devices)])
+    return DeepSpeedStrategy(stage=stage)
+
+
+class BuiltLate(TinyModule):
+    """Layers built in configure_model, as FSDP and DeepSpeed users do; records every sampled kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = None
+        self.sampled = []
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def training_step(self, batch, batch_idx):
+        self.sampled.append(self.net[0].weight.detach().float().cpu().clone())
+        return super().training_step(batch, batch_idx)
+
+
+def fit(max_epochs, save_as, ckpt_path=None):
+    model = BuiltLate()
+    cb = MajorityKernelCallback(k=4, scheme="select", seed=3, save_path=os.path.join(out, save_as + ".pt"))
+    t = trainer(out, accelerator=accelerator, devices=devices, strategy=make_strategy(), precision=precision,
+                max_epochs=max_epochs, callbacks=[cb])
+    t.fit(model, loader(n=64, batch_size=8), ckpt_path=ckpt_path)
+    t.save_checkpoint(os.path.join(out, save_as + ".ckpt"))
+    return t, model, cb
+
+
+t, model, cb = fit(2, "first")
+copies = kernel_copies(model)["net.0.weight"]
+held = copies.ds_tensor.numel() if hasattr(copies, "ds_tensor") else copies.numel()  # ZeRO-3 keeps a partition
+t2, resumed, cb2 = fit(3, "resumed", ckpt_path=os.path.join(out, "first.ckpt"))
+torch.save(
+    {"sampled": model.sampled, "resumed_sampled": resumed.sampled, "steps": [cb.state_dict()["step"], cb2.state_dict()["step"]],
+     "held": held, "spread": t.callback_metrics["mk/spread"].item()},
+    os.path.join(out, f"rank{t.global_rank}.pt"),
+)

@@ -1,0 +1,14 @@
+"""Lightning FSDP and DeepSpeed ZeRO-2/3 with MajorityKernelCallback on the CPU (2 processes, gloo):
+identical draws on every rank, copies sharded, the written small model equals the mean of the copies
+read back from the sharded checkpoint, and training resumes from that checkpoint. The shims that let
+Lightning run these strategies on the CPU are described in sharded_worker.py."""
+
+import pytest
+
+from sharded import run_and_check
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_sharded_strategy_on_the_cpu(tmp_path, strategy, precision):
+    run_and_check(tmp_path, strategy, precision, "cpu")

@@ -1,5 +1,5 @@
-"""Run by test_ddp.py as `python ddp_worker.py OUT [per_rank]`: 2 CPU processes (gloo), Lightning's own
-DDP launcher; `per_rank` turns on the callback's per_rank_noise.
+"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank]`: 2 CPU processes (gloo),
+Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise.
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
 parameters, and how many times it wrote the small model.
@@ -42,9 +42,10 @@ class Recording(TinyModule):
 
 pl.seed_everything(0)
 model = Recording()
-per_rank = sys.argv[2:] == ["per_rank"]
+precision = sys.argv[2]
+per_rank = sys.argv[3:] == ["per_rank"]
 cb = MajorityKernelCallback(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"))
-trainer = trainer(out, devices=2, strategy="ddp", max_epochs=2, callbacks=[cb])
+trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb])
 trainer.fit(model, loader(n=64, batch_size=8))
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

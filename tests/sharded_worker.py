@@ -1,5 +1,6 @@
 """Run by sharded.py as `python sharded_worker.py OUT STRATEGY PRECISION ACCELERATOR DEVICES`, STRATEGY one
-of fsdp, deepspeed_stage_2, deepspeed_stage_3: DEVICES processes train a model whose layers are built in
+of fsdp, fsdp_wrap_linear (each Linear its own FSDP unit), deepspeed_stage_2, deepspeed_stage_3:
+DEVICES processes train a model whose layers are built in
 configure_model, with MajorityKernelCallback, for 2 epochs; save a sharded checkpoint; resume from it
 for a third epoch and save again.
 
@@ -35,7 +36,7 @@ from lightning_mk import MajorityKernelCallback, kernel_copies  # noqa: E402
 out, name, precision, accelerator, devices = sys.argv[1:5] + [int(sys.argv[5])]
 on_cpu = accelerator == "cpu"
 
-if on_cpu and name == "fsdp":
+if on_cpu and name.startswith("fsdp"):
     import torch.distributed.fsdp as fsdp
 
     class CPUFullyShardedDataParallel(fsdp.FullyShardedDataParallel):
@@ -61,8 +62,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 def make_strategy():
-    if name == "fsdp":
-        return (CPUFSDPStrategy if on_cpu else FSDPStrategy)(state_dict_type="sharded")
+    if name.startswith("fsdp"):
+        wrap = {"auto_wrap_policy": {nn.Linear}} if name == "fsdp_wrap_linear" else {}
+        return (CPUFSDPStrategy if on_cpu else FSDPStrategy)(state_dict_type="sharded", **wrap)
     stage = int(name.removeprefix("deepspeed_stage_"))
     if on_cpu:
         return CPUDeepSpeedStrategy(stage=stage, parallel_devices=[torch.device("cpu", i) for i in range(devices)])
@@ -80,10 +82,12 @@ class BuiltLate(TinyModule):
     def configure_model(self):
         if self.net is None:
             self.net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+            self.net[0].register_forward_hook(self.record)
 
-    def training_step(self, batch, batch_idx):
-        self.sampled.append(self.net[0].weight.detach().float().cpu().clone())
-        return super().training_step(batch, batch_idx)
+    def record(self, layer, args, output):
+        """Inside the layer's call, where every strategy has its parameters whole."""
+        if self.training:
+            self.sampled.append(layer.weight.detach().float().cpu().clone())
 
 
 def fit(max_epochs, save_as, ckpt_path=None):

@@ -1,5 +1,5 @@
-"""DDP with 2 CPU processes: identical draws on every rank (or each its own, with per_rank_noise),
-identical parameters, one small-model file."""
+"""DDP with 2 CPU processes, fp32 and bf16-mixed: identical draws on every rank (or each its own, with
+per_rank_noise), identical parameters, one small-model file."""
 
 import os
 import subprocess
@@ -11,11 +11,11 @@ import torch
 from helpers import TinyModule
 
 
-@pytest.mark.parametrize("per_rank", [False, True])
-def test_ddp_two_cpu_processes(tmp_path, per_rank):
+@pytest.mark.parametrize("per_rank, precision", [(False, "32-true"), (True, "32-true"), (False, "bf16-mixed")])
+def test_ddp_two_cpu_processes(tmp_path, per_rank, precision):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, worker, str(tmp_path)] + ["per_rank"] * per_rank
+    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -31,4 +31,6 @@ def test_ddp_two_cpu_processes(tmp_path, per_rank):
     for key, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][key]), key
     assert (rank0["writes"], rank1["writes"]) == (1, 0), "the small model is written once, by rank zero"
-    TinyModule().load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)
+    small = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert all(value.dtype == torch.float32 for value in small.values()), "bf16-mixed keeps fp32 parameters"
+    TinyModule().load_state_dict(small, strict=True)

@@ -8,7 +8,7 @@ import pytest
 from sharded import run_and_check
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_wrap_linear", "deepspeed_stage_2", "deepspeed_stage_3"])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_sharded_strategy_on_the_cpu(tmp_path, strategy, precision):
     run_and_check(tmp_path, strategy, precision, "cpu")

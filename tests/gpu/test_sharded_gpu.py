@@ -16,7 +16,7 @@ from sharded import run_and_check  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_wrap_linear", "deepspeed_stage_2", "deepspeed_stage_3"])
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
 def test_sharded_strategy_on_gpus(tmp_path, strategy, precision):
     run_and_check(tmp_path, strategy, precision, "gpu", devices=min(2, torch.cuda.device_count()))

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -172,7 +172,7 @@ class MajorityKernelCallback(Callback):
                 "configure_model wrapped layers in FSDP itself; MajorityKernelCallback must rewrite them first: "
                 "let FSDPStrategy wrap them (its auto_wrap_policy) instead"
             )
-        with _gathered(pl_module):  # DeepSpeed ZeRO-3 built the layers partitioned: copy whole weights
+        with _gathered(pl_module.parameters()):  # DeepSpeed ZeRO-3 built the layers partitioned
             apply_majority_kernels(
                 pl_module,
                 self.k,
@@ -234,22 +234,22 @@ class MajorityKernelCallback(Callback):
             self._draws.step = self._step
 
 
-def _gathered(module: "pl.LightningModule") -> contextlib.AbstractContextManager:
-    """Inside, DeepSpeed ZeRO-3's partitioned parameters of ``module`` are whole on every rank."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not params:
+def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Inside, those of ``params`` that DeepSpeed ZeRO-3 partitions are whole on every rank."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params)
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def _full_state(strategy: Strategy) -> dict[str, Any]:
     """The MK model's state dict with whole tensors, complete on rank zero (a collective: every rank calls it).
 
-    Unsharded strategies: the module's own tensors, on every rank. FSDP: its full state dict, gathered
-    into rank zero's CPU memory when training on GPUs (other ranks get ``{}``). DeepSpeed ZeRO-3: each
-    partitioned parameter gathered in turn and copied to rank zero's CPU memory (other ranks get ``{}``).
+    Single-device and DDP: the module's own tensors, on every rank. FSDP: its full state dict, gathered
+    into rank zero's CPU memory when training on GPUs (other ranks get ``{}``). DeepSpeed: see
+    :func:`_deepspeed_masters`.
     """
     if isinstance(strategy, FSDPStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -257,17 +257,29 @@ def _full_state(strategy: Strategy) -> dict[str, Any]:
         to_cpu = strategy.root_device.type != "cpu"
         return get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=to_cpu))
     state = strategy.lightning_module.state_dict(keep_vars=True)
-    if not any(hasattr(value, "ds_id") for value in state.values()):
-        return state
-    import deepspeed
+    return _deepspeed_masters(strategy, state) if isinstance(strategy, DeepSpeedStrategy) else state
 
-    whole: dict[int, torch.Tensor] = {}  # by parameter: tied copies are gathered once and stay one tensor
+
+def _deepspeed_masters(strategy: DeepSpeedStrategy, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each parameter replaced by DeepSpeed's fp32 master of it, whole, in rank zero's CPU
+    memory (other ranks get ``{}``). Under mixed precision Lightning's DeepSpeed turns the module itself
+    into 16-bit copies of the masters, which live, sharded, in DeepSpeed's optimizer; so the small model
+    is the masters' mean, in fp32 as with the other strategies (in the module's dtype under a "-true"
+    precision). A parameter the optimizer does not hold (frozen) is read from the module."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    true_precision = strategy.precision_plugin.precision.endswith("-true")
+    whole: dict[int, Optional[torch.Tensor]] = {}  # by parameter: tied copies are read once and stay one tensor
     for key, value in state.items():
-        if hasattr(value, "ds_id"):
-            if id(value) not in whole:
-                with deepspeed.zero.GatheredParameters([value]):
-                    whole[id(value)] = value.detach().to("cpu", copy=True) if strategy.is_global_zero else None
-            state[key] = whole[id(value)]
+        if not isinstance(value, torch.nn.Parameter):
+            continue
+        if id(value) not in whole:
+            master = safe_get_full_fp32_param(value) if value.requires_grad else None
+            with _gathered([value] if master is None else []):
+                source = value.detach() if master is None else master
+                dtype = value.dtype if true_precision else torch.float32
+                whole[id(value)] = source.to("cpu", dtype, copy=True) if strategy.is_global_zero else None
+        state[key] = whole[id(value)]
     return state if strategy.is_global_zero else {}
 
 

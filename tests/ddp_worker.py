@@ -1,5 +1,6 @@
-"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank]`: 2 CPU processes (gloo),
-Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise.
+"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile]`: 2 CPU processes
+(gloo), Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise, `compile` trains
+``torch.compile(model)`` (backend aot_eager) and counts the frames dynamo compiled after each batch.
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
 parameters, and how many times it wrote the small model.
@@ -10,6 +11,7 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import TinyModule, loader, trainer  # noqa: E402
@@ -37,16 +39,29 @@ class Recording(TinyModule):
 
     def training_step(self, batch, batch_idx):
         self.sampled.append(self.net[0].weight.detach().clone())  # this step's draw (train mode)
-        return super().training_step(batch, batch_idx)
+        x, y = batch  # no self.log: under DDP Lightning compiles training_step, and dynamo cannot trace log()
+        return F.cross_entropy(self(x), y)
+
+
+class CountFrames(pl.Callback):
+    def __init__(self):
+        self.frames = []
+
+    def on_train_batch_end(self, *args):
+        from torch._dynamo.utils import counters
+
+        self.frames.append(counters["frames"]["total"])  # frames compiled so far, recompilations included
 
 
 pl.seed_everything(0)
 model = Recording()
 precision = sys.argv[2]
-per_rank = sys.argv[3:] == ["per_rank"]
+per_rank, compiled = "per_rank" in sys.argv[3:], "compile" in sys.argv[3:]
 cb = MajorityKernelCallback(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"))
-trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb])
-trainer.fit(model, loader(n=64, batch_size=8))
+frames = CountFrames()
+trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb, frames])
+trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8))
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-torch.save({"sampled": model.sampled, "params": params, "writes": len(writes)}, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames},
+           os.path.join(out, f"rank{trainer.global_rank}.pt"))

@@ -1,5 +1,5 @@
-"""DDP with 2 CPU processes, fp32 and bf16-mixed: identical draws on every rank (or each its own, with
-per_rank_noise), identical parameters, one small-model file."""
+"""DDP with 2 CPU processes, fp32, bf16-mixed and torch.compile: identical draws on every rank (or each
+its own, with per_rank_noise), identical parameters, one small-model file, no recompiles after step 1."""
 
 import os
 import subprocess
@@ -11,11 +11,13 @@ import torch
 from helpers import TinyModule
 
 
-@pytest.mark.parametrize("per_rank, precision", [(False, "32-true"), (True, "32-true"), (False, "bf16-mixed")])
-def test_ddp_two_cpu_processes(tmp_path, per_rank, precision):
+@pytest.mark.parametrize(
+    "per_rank, precision, compiled", [(False, "32-true", False), (True, "32-true", False), (False, "bf16-mixed", False), (False, "32-true", True)]
+)
+def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank
+    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -28,6 +30,11 @@ def test_ddp_two_cpu_processes(tmp_path, per_rank, precision):
     else:
         assert all(same), "every rank must draw the same coefficients"
     assert not torch.equal(rank0["sampled"][0], rank0["sampled"][1]), "each step draws afresh"
+    frames = rank0["frames"]
+    if compiled:
+        assert frames[0] > 0 and frames[-1] == frames[0], f"recompiled after the first step: {frames}"
+    else:
+        assert frames[-1] == 0
     for key, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][key]), key
     assert (rank0["writes"], rank1["writes"]) == (1, 0), "the small model is written once, by rank zero"

@@ -40,12 +40,12 @@ def mean_of_copies(state: dict) -> dict:
     return out
 
 
-def run_and_check(tmp_path, strategy: str, precision: str, accelerator: str, devices: int = 2) -> None:
+def run_and_check(tmp_path, strategy: str, precision: str, accelerator: str, devices: int = 2, compiled: bool = False) -> None:
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    command = [sys.executable, worker, str(tmp_path), strategy, precision, accelerator, str(devices)]
+    command = [sys.executable, worker, str(tmp_path), strategy, precision, accelerator, str(devices)] + ["compile"] * compiled
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
@@ -58,6 +58,8 @@ def run_and_check(tmp_path, strategy: str, precision: str, accelerator: str, dev
                 assert torch.equal(a, b), "every rank must draw the same coefficients"
     sampled = ranks[0]["sampled"] + ranks[0]["resumed_sampled"]
     assert len(sampled) == 3 * epoch and all(not torch.equal(a, b) for a, b in zip(sampled, sampled[1:])), "each step draws afresh"
+    frames = ranks[0]["frames"]
+    assert (frames[0] > 0 and frames[-1] == frames[0]) if compiled else frames[-1] == 0, f"compiled frames: {frames}"
     if strategy == "deepspeed_stage_2" or devices == 1:
         assert all(r["held"] == COPIES for r in ranks), "ZeRO-2 shards optimizer states, not parameters"
     else:

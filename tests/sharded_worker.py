@@ -1,12 +1,13 @@
-"""Run by sharded.py as `python sharded_worker.py OUT STRATEGY PRECISION ACCELERATOR DEVICES`, STRATEGY one
-of fsdp, fsdp_wrap_linear (each Linear its own FSDP unit), deepspeed_stage_2, deepspeed_stage_3:
-DEVICES processes train a model whose layers are built in
+"""Run by sharded.py as `python sharded_worker.py OUT STRATEGY PRECISION ACCELERATOR DEVICES [compile]`,
+STRATEGY one of fsdp, fsdp_wrap_linear (each Linear its own FSDP unit), deepspeed_stage_2,
+deepspeed_stage_3 (`compile`: fit ``torch.compile(model)``, backend aot_eager): DEVICES processes train a
+model whose layers are built in
 configure_model, with MajorityKernelCallback, for 2 epochs; save a sharded checkpoint; resume from it
 for a third epoch and save again.
 
 Each rank writes OUT/rank{r}.pt: the kernel it sampled at every training step, the callback's step
-count after each fit, the copy spread it logged, and how much of the copies it holds outside a forward
-pass.
+count after each fit, the copy spread it logged, how much of the copies it holds outside a forward
+pass, and how many frames dynamo had compiled after each batch of the first fit.
 
 On the CPU two shims let Lightning run strategies it reserves for GPUs; the callback, Lightning's
 strategies and PyTorch's FSDP / DeepSpeed run unchanged otherwise:
@@ -25,6 +26,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
@@ -34,6 +36,7 @@ from helpers import TinyModule, loader, trainer  # noqa: E402
 from lightning_mk import MajorityKernelCallback, kernel_copies  # noqa: E402
 
 out, name, precision, accelerator, devices = sys.argv[1:5] + [int(sys.argv[5])]
+compiled = sys.argv[6:] == ["compile"]
 on_cpu = accelerator == "cpu"
 
 if on_cpu and name.startswith("fsdp"):
@@ -78,11 +81,21 @@ class BuiltLate(TinyModule):
         super().__init__()
         self.net = None
         self.sampled = []
+        self.frames = []
 
     def configure_model(self):
         if self.net is None:
             self.net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
             self.net[0].register_forward_hook(self.record)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # no self.log: Lightning compiles training_step itself, and dynamo cannot trace log()
+        return F.cross_entropy(self(x), y)
+
+    def on_train_batch_end(self, *args):
+        from torch._dynamo.utils import counters
+
+        self.frames.append(counters["frames"]["total"])  # recompilations included
 
     def record(self, layer, args, output):
         """Inside the layer's call, where every strategy has its parameters whole."""
@@ -97,7 +110,7 @@ def fit(max_epochs, save_as, ckpt_path=None):
     cb = MajorityKernelCallback(k=4, scheme="select", seed=3, init_noise=0.1, save_path=os.path.join(out, save_as + ".pt"))
     t = trainer(out, accelerator=accelerator, devices=devices, strategy=make_strategy(), precision=precision,
                 max_epochs=max_epochs, callbacks=[cb])
-    t.fit(model, loader(n=64, batch_size=8), ckpt_path=ckpt_path)
+    t.fit(torch.compile(model, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8), ckpt_path=ckpt_path)
     t.save_checkpoint(os.path.join(out, save_as + ".ckpt"))
     return t, model, cb
 
@@ -108,6 +121,6 @@ held = copies.ds_tensor.numel() if hasattr(copies, "ds_tensor") else copies.nume
 t2, resumed, cb2 = fit(3, "resumed", ckpt_path=os.path.join(out, "first.ckpt"))
 torch.save(
     {"sampled": model.sampled, "resumed_sampled": resumed.sampled, "steps": [cb.state_dict()["step"], cb2.state_dict()["step"]],
-     "held": held, "spread": t.callback_metrics["mk/spread"].item()},
+     "held": held, "spread": t.callback_metrics["mk/spread"].item(), "frames": model.frames},
     os.path.join(out, f"rank{t.global_rank}.pt"),
 )

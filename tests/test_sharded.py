@@ -9,10 +9,11 @@ import pytest
 
 from sharded import run_and_check
 
-CASES = list(itertools.product(["fsdp", "fsdp_wrap_linear", "deepspeed_stage_2", "deepspeed_stage_3"], ["32-true", "bf16-mixed"]))
-CASES.append(("deepspeed_stage_3", "bf16-true"))  # the masters are cast to the module's dtype
+CASES = [(s, p, False) for s, p in itertools.product(["fsdp", "fsdp_wrap_linear", "deepspeed_stage_2", "deepspeed_stage_3"], ["32-true", "bf16-mixed"])]
+CASES.append(("deepspeed_stage_3", "bf16-true", False))  # the masters are cast to the module's dtype
+CASES.append(("fsdp_wrap_linear", "32-true", True))  # torch.compile: no recompiles after the first step
 
 
-@pytest.mark.parametrize("strategy, precision", CASES)
-def test_sharded_strategy_on_the_cpu(tmp_path, strategy, precision):
-    run_and_check(tmp_path, strategy, precision, "cpu")
+@pytest.mark.parametrize("strategy, precision, compiled", CASES)
+def test_sharded_strategy_on_the_cpu(tmp_path, strategy, precision, compiled):
+    run_and_check(tmp_path, strategy, precision, "cpu", compiled=compiled)

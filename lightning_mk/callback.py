@@ -66,7 +66,7 @@ class MajorityKernelCallback(Callback):
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
-            under FSDP and DeepSpeed ZeRO-3 this gathers the copies once per epoch, as at the end.
+            under FSDP and DeepSpeed this gathers the copies once per epoch, as at the end.
     """
 
     def __init__(

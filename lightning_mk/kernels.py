@@ -375,6 +375,11 @@ def _kernels_in(state: Mapping[str, Any]) -> dict[str, str]:
     return kernels
 
 
+def _state_of(source: Union[nn.Module, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """A module's state dict (its own tensors, no copies), or ``source`` itself if it is one."""
+    return source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
+
+
 def _storage(tensor: Tensor) -> tuple:
     """Equal for the entries of tied copies (one tensor under several keys)."""
     return tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
@@ -385,7 +390,7 @@ def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[st
     parameter's key; tied copies are averaged once and shared. ``source`` is the MK module (left
     untouched: no deep copy) or its state dict, e.g. one a sharded strategy consolidated; sharded
     ``DTensor`` entries are gathered, so with FSDP2 every rank must call it."""
-    state = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
+    state = _state_of(source)
     kernels = _kernels_in(state)
     means: dict[tuple, Tensor] = {}
     out = {}
@@ -432,15 +437,16 @@ def copy_spread(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, float]
     """Per set of copies: RMS distance of the copies from their mean, relative to the mean's RMS.
     ``source`` is the MK module or its state dict (``DTensor`` entries are gathered, as in
     :func:`collapsed_state_dict`)."""
-    state = source.state_dict(keep_vars=True) if isinstance(source, nn.Module) else source
+    state = _state_of(source)
     spread, seen = {}, set()
     with torch.no_grad():
         for key, name in _kernels_in(state).items():
             copies = _full(state[key]).detach()
-            if _storage(copies) in seen:
+            if _storage(copies) in seen:  # tied: the same copies under another key
                 continue
             seen.add(_storage(copies))
-            mean = copies.float().mean(0)
-            rms = (copies.float() - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)
+            copies = copies.float()
+            mean = copies.mean(0)
+            rms = (copies - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)
             spread[name] = rms.item()
     return spread

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mk import apply_majority_kernels, collapse
-from lightning_mk.kernels import SUPPORTED_LAYERS
-from lightning_mk.models import MLP, ResNet, Transformer
+from lightning_mk.layers import SUPPORTED_LAYERS
+from lightning_mk.experiments.models import MLP, ResNet, Transformer
 from lightning_mk.schemes import SCHEMES
 
 BATCH = 128

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from lightning_mk import apply_majority_kernels, collapsed_state_dict
 from lightning_mk.atomic import write_atomically
-from lightning_mk.data import MNIST1DDataModule
-from lightning_mk.models import MLP
+from lightning_mk.experiments.data import MNIST1DDataModule
+from lightning_mk.experiments.models import MLP
 
 
 def main() -> None:

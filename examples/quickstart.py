@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_mk import MajorityKernelCallback
-from lightning_mk.data import MNIST1DDataModule
-from lightning_mk.models import MLP, Classifier
+from lightning_mk.experiments.data import MNIST1DDataModule
+from lightning_mk.experiments.models import MLP, Classifier
 
 
 def main() -> None:

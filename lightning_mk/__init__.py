@@ -1,17 +1,50 @@
-"""Train a model as if it were k times larger; deploy it at its original size (Majority Kernels)."""
+"""Train a model as if it were k times larger; deploy it at its original size (Majority Kernels).
 
-from lightning_mk.callback import MajorityKernelCallback
-from lightning_mk.kernels import apply_majority_kernels, collapse, collapsed_state_dict, copy_spread, kernel_copies
-from lightning_mk.schemes import SCHEMES, Scheme, register_scheme
+Exports are lazy (PEP 562): ``lightning_mk.kernels`` and ``lightning_mk.schemes`` need torch alone,
+and ``import lightning_mk`` imports Lightning only when the callback is first used.
+"""
 
-__all__ = [
-    "MajorityKernelCallback",
-    "apply_majority_kernels",
-    "collapse",
-    "collapsed_state_dict",
-    "copy_spread",
-    "kernel_copies",
-    "SCHEMES",
-    "Scheme",
-    "register_scheme",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "MajorityKernelCallback": "lightning_mk.callback",
+    "MajorityKernels": "lightning_mk.kernels",
+    "apply_majority_kernels": "lightning_mk.kernels",
+    "collapse": "lightning_mk.kernels",
+    "collapsed_state_dict": "lightning_mk.kernels",
+    "copy_spread": "lightning_mk.kernels",
+    "kernel_copies": "lightning_mk.kernels",
+    "register_layer": "lightning_mk.layers",
+    "SCHEMES": "lightning_mk.schemes",
+    "Scheme": "lightning_mk.schemes",
+    "register_scheme": "lightning_mk.schemes",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from lightning_mk.callback import MajorityKernelCallback
+    from lightning_mk.kernels import (
+        MajorityKernels,
+        apply_majority_kernels,
+        collapse,
+        collapsed_state_dict,
+        copy_spread,
+        kernel_copies,
+    )
+    from lightning_mk.layers import register_layer
+    from lightning_mk.schemes import SCHEMES, Scheme, register_scheme
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lightning_mk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

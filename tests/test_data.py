@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from lightning_mk.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, read_cifar10_batch
-from lightning_mk.data import _safe_extract
+from lightning_mk.experiments.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule, read_cifar10_batch
+from lightning_mk.experiments.data import _safe_extract
 
 N_FAKE = 20  # images per fake CIFAR-10 batch file
 MARK = (1, 5, 7)  # channel, row, column of the one bright pixel in the first test image

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mk.distill import Distiller, Ensemble, kd_loss
+from lightning_mk.experiments.distill import Distiller, Ensemble, kd_loss
 
 
 def test_kd_loss_matches_a_hand_computation():

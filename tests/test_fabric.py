@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from lightning_mk.models import MLP
+from lightning_mk.experiments.models import MLP
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fabric_ddp.py")
 

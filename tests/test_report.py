@@ -7,7 +7,7 @@ import statistics
 import pytest
 from scipy import stats
 
-from lightning_mk.report import load_results, log_to_wandb, main, plot, summarize, to_markdown
+from lightning_mk.experiments.report import load_results, log_to_wandb, main, plot, summarize, to_markdown
 
 T_975_2 = 4.302652729911275  # t_{0.975} with 2 degrees of freedom
 

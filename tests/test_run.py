@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from lightning_mk.models import Classifier
-from lightning_mk.run import ConfigError, run
+from lightning_mk.experiments.models import Classifier
+from lightning_mk.experiments.run import ConfigError, run
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 GROUPS = {group: sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml")) for group in ("data", "model", "method", "trainer", "optimizer", "logger", "experiment")}
@@ -95,7 +95,7 @@ def test_unknown_method_names_the_allowed_ones(tmp_path):
 
 
 def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(tmp_path, monkeypatch, capsys):
-    from lightning_mk import report
+    from lightning_mk.experiments import report
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     for method, seed in [("baseline", 0), ("baseline", 1), ("mk", 0), ("mk", 1)]:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_mk.models import MLP, ResNet, Transformer
-from lightning_mk.submodular import facility_location, least_squares_refit, prune_to_width, reconstruction
+from lightning_mk.experiments.models import MLP, ResNet, Transformer
+from lightning_mk.experiments.submodular import facility_location, least_squares_refit, prune_to_width, reconstruction
 
 MODELS = {
     "mlp": (lambda n: MLP((40,), 5, n=n), (40,)),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_mk.report import load_results
+from lightning_mk.experiments.report import load_results
 
 
 def best_setting(sweep: Path, method: str, keys: list[str]) -> list[str]:

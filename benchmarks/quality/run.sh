@@ -12,8 +12,8 @@
 # (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-run() { python -m lightning_mk.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
-report() { python -m lightning_mk.report "runs/quality/$1" --out "benchmarks/results/quality/$1"; }
+run() { python -m lightning_mk.experiments.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
+report() { python -m lightning_mk.experiments.report "runs/quality/$1" --out "benchmarks/results/quality/$1"; }
 best() { python benchmarks/quality/best_setting.py "$@"; }
 
 # compare DIR NAME LRS OVERRIDES...: one task, every method, on equal terms.
@@ -32,7 +32,7 @@ compare() {
   run hydra.sweep.dir=$d/tune "${tune[@]}" hydra.sweep.subdir=reg-\${hydra.job.num} method=baseline_reg $lr \
     method.dropout=0.1,0.3 method.weight_decay=1e-4,1e-3
   reg=$(best $d/tune baseline_reg)
-  python -m lightning_mk.report $d/tune --metric val_acc --out benchmarks/results/quality/$part/tuning
+  python -m lightning_mk.experiments.report $d/tune --metric val_acc --out benchmarks/results/quality/$part/tuning
   local final=("$@" "task='$name'") seeds=seed=0,1,2,3,4 each=hydra.sweep.subdir=s\${seed}
   run hydra.sweep.dir=$d/final/baseline "${final[@]}" $each $seeds method=baseline $lr
   run hydra.sweep.dir=$d/final/baseline_reg "${final[@]}" $each $seeds method=baseline_reg $reg
@@ -47,7 +47,7 @@ compare() {
     others=$(for o in 0 1 2 3 4; do [ $o = $s ] || printf '%s,' "$d/final/baseline/s$o/model.pt"; done)
     run hydra.sweep.dir=$d/final/distill_ensemble "${final[@]}" $each seed=$s method=distill $lr "method.teacher_ckpt=[${others%,}]"
   done
-  python -m lightning_mk.report $d/final --out benchmarks/results/quality/$part
+  python -m lightning_mk.experiments.report $d/final --out benchmarks/results/quality/$part
 }
 setting='${hydra:runtime.choices.optimizer} lr=${optimizer.lr}'
 
@@ -96,7 +96,7 @@ for part in "$@"; do
         method=mk $mk_lr method.callback.anneal_noise=true "method.label='mk (select, k=4, replicate, anneal_noise)'"
       # per-rank noise needs ranks: DDP, 2 CPU processes (global batch 256), one run per job (multirun and
       # Lightning's DDP launcher do not mix), the same baseline and mk settings as above
-      ddp() { python -m lightning_mk.run logger=none +trainer.enable_progress_bar=false "${task[@]}" trainer.devices=2 \
+      ddp() { python -m lightning_mk.experiments.run logger=none +trainer.enable_progress_bar=false "${task[@]}" trainer.devices=2 \
                 +trainer.strategy=ddp "task='mnist1d/mlp 100 ep, sgd, ddp 2 processes'" "$@"; }
       for s in 0 1 2 3 4; do
         ddp seed=$s hydra.run.dir=$d/ddp/baseline-s$s method=baseline $lr
@@ -104,7 +104,7 @@ for part in "$@"; do
         ddp seed=$s hydra.run.dir=$d/ddp/mk-per-rank-s$s method=mk $mk_lr method.callback.per_rank_noise=true \
           "method.label='mk (select, k=4, replicate, per_rank_noise)'"
       done
-      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      python -m lightning_mk.experiments.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
     digits_ablation)  # the other schemes and the other init on a second task, at mk's tuned setting, 5 seeds
       t=runs/quality/digits_resnet
@@ -112,7 +112,7 @@ for part in "$@"; do
       abl=(experiment=digits_resnet "task='digits/resnet, adam'" method=mk $mk_lr seed=0,1,2,3,4)
       run hydra.sweep.dir=$d/schemes "${abl[@]}" method.callback.scheme=convex,layer,majority
       run hydra.sweep.dir=$d/init "${abl[@]}" method.callback.init=independent
-      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      python -m lightning_mk.experiments.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
     transformer_ablation)  # where MK hurt most: copies only in the blocks' MLPs; the smooth scheme; 5 seeds
       t=runs/quality/mnist1d_transformer
@@ -121,7 +121,7 @@ for part in "$@"; do
       run hydra.sweep.dir=$d/mlps "${abl[@]}" 'method.callback.include=["net.blocks.*.fc1","net.blocks.*.fc2"]' \
         "method.label='mk (select, k=4, replicate, block MLPs only)'"
       run hydra.sweep.dir=$d/layer "${abl[@]}" method.callback.scheme=layer
-      python -m lightning_mk.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      python -m lightning_mk.experiments.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mk.models import Classifier
+from lightning_mk.experiments.models import Classifier
 
 __all__ = ["kd_loss", "Ensemble", "Distiller"]
 

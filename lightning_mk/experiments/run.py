@@ -1,11 +1,11 @@
 """One run = one method on one task with one seed (Hydra app; configs in the top-level ``conf/``).
 
-    python -m lightning_mk.run method=mk k=4 seed=0
-    python -m lightning_mk.run -m method=baseline,mk k=2,4 seed=0,1      # a sweep (multirun)
+    python -m lightning_mk.experiments.run method=mk k=4 seed=0
+    python -m lightning_mk.experiments.run -m method=baseline,mk k=2,4 seed=0,1      # a sweep (multirun)
 
 It trains, tests the deployable small model, saves it (``model.pt``, the ``state_dict`` of a
 ``Classifier``) and writes one JSON line to ``results.jsonl`` in the run's output folder, which
-``python -m lightning_mk.report`` reads. Use a single process per job under multirun (Lightning's
+``python -m lightning_mk.experiments.report`` reads. Use a single process per job under multirun (Lightning's
 ``ddp`` relaunches child ranks with the whole sweep's command line).
 """
 
@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_mk.atomic import write_atomically
-from lightning_mk.distill import Distiller, Ensemble
-from lightning_mk.models import Classifier
-from lightning_mk.report import is_number
-from lightning_mk.submodular import OBJECTIVES, prune_to_width
+from lightning_mk.experiments.distill import Distiller, Ensemble
+from lightning_mk.experiments.models import Classifier
+from lightning_mk.experiments.report import is_number
+from lightning_mk.experiments.submodular import OBJECTIVES, prune_to_width
 
 METHODS = ("baseline", "baseline_reg", "mk", "wide", "distill", "submodular")
 TEACHERS = ("ensemble", "wide")
@@ -263,7 +263,7 @@ def run(cfg: DictConfig) -> dict:
             wandb.finish()  # under multirun, the next job must start its own W&B run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://lightning_mk.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Returns the test accuracy, so a Hydra sweeper (e.g. Optuna) can optimise it."""
     return run(cfg)["test_acc"]

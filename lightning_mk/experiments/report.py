@@ -1,4 +1,4 @@
-"""Tables and a plot of finished runs: ``python -m lightning_mk.report DIR_OR_FILE... [--out DIR] [--metric test_acc]``.
+"""Tables and a plot of finished runs: ``python -m lightning_mk.experiments.report DIR_OR_FILE... [--out DIR] [--metric test_acc]``.
 
 Reads every ``results.jsonl`` (one JSON object per run) under the given folders, e.g. a Hydra multirun, and
 compares each label of a task with its baseline through a 95% CI, so that a gain is not read off a single seed.
@@ -261,7 +261,7 @@ def log_to_wandb(summary: dict[str, list[dict]], png_path, run=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_mk.report",
+        prog="python -m lightning_mk.experiments.report",
         description="Markdown tables, a plot and a CSV of the runs in results.jsonl files (single runs or multiruns).",
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="DIR_OR_FILE",

@@ -1,25 +1,41 @@
-"""The Hydra app: every config group composes, every method x model runs, bad configs fail early."""
+"""The Hydra app: every config group composes, every method x model runs (built-in models and a user's own
+LightningModule), results carry the config that defines them, bad configs fail early, the console stays quiet."""
 
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from lightning_mk.experiments.models import Classifier
-from lightning_mk.experiments.run import ConfigError, run
+from lightning_mk.experiments.run import METHODS, ConfigError, run, run_config
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+EXAMPLES = os.path.join(ROOT, "examples")
 GROUPS = {group: sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml")) for group in ("data", "model", "method", "trainer", "optimizer", "logger", "experiment")}
-TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.enable_progress_bar=false", "logger=none"]
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "logger=none"]
+USER_MODEL = [f"hydra.searchpath=[file://{EXAMPLES}/conf]", "model=tiny", "data=blobs"]
 
 
 def config(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
+
+
+def test_the_method_registry_is_what_the_configs_name():
+    names = {}
+    for option in GROUPS["method"]:
+        with open(os.path.join(CONF, "method", option + ".yaml")) as f:
+            names[option] = yaml.safe_load(f)["name"]
+    assert names == {name: name for name in METHODS}, "one conf/method/<name>.yaml per registered method"
+    assert {name for name, m in METHODS.items() if not m.uses_k} == {"baseline", "baseline_reg"}
 
 
 @pytest.mark.parametrize("data, model, method", list(itertools.product(GROUPS["data"], GROUPS["model"], GROUPS["method"])))
@@ -49,6 +65,10 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method,
     result = run(cfg)
     line = json.loads((tmp_path / "results.jsonl").read_text())
     assert line == json.loads(json.dumps(result))
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "results.jsonl"], "one model file, whatever the method"
+    assert "latency_ms" not in result and 0 <= result["val_acc"] <= 1
+    assert result["config"] == run_config(cfg, METHODS[method].uses_k) and result["config"]["model.net.n"] == cfg.model.net.n
+    assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg"))
     baseline_params = small_params(cfg)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     if method == "wide":
@@ -59,7 +79,75 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method,
 
     fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)
     fresh.load_state_dict(state, strict=True)
-    assert 0 <= result["test_acc"] <= 1 and result["train_time_s"] > 0 and result["latency_ms"] > 0
+    assert 0 <= result["test_acc"] <= 1 and result["train_time_s"] > 0
+
+
+def test_the_config_of_a_run_is_every_setting_but_the_seed(tmp_path):
+    baseline = run_config(config(tmp_path, "method=baseline", "seed=0", "k=2"), uses_k=False)
+    assert baseline == run_config(config(tmp_path / "other", "method=baseline", "seed=1", "k=4", "logger=csv", "trainer.enable_progress_bar=true"), uses_k=False)
+    assert not {"seed", "k", "output_dir"} & set(baseline) and not any(key.startswith("logger") for key in baseline)
+    assert baseline["trainer.max_epochs"] == 20 and baseline["data.module.seed"] == "${seed}", "dotted keys, unresolved"
+    assert baseline != run_config(config(tmp_path, "method=baseline", "trainer.max_epochs=5"), uses_k=False)
+    mk = [run_config(config(tmp_path, "method=mk", f"k={k}"), uses_k=True) for k in (2, 4)]
+    assert mk[0]["k"] == 2 and mk[0] != mk[1]
+    assert json.loads(json.dumps(baseline)) == baseline
+
+
+def _jobs(*sweep):
+    """The runs of a basic sweep: the product of comma-separated choices, one list of overrides per job."""
+    choices = [[f"{key}={value}" for value in values.split(",")] for key, values in (o.split("=", 1) for o in sweep)]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _duplicates(tmp_path, fixed, jobs):
+    """The jobs that repeat an earlier job's run: the same task, config and seed."""
+    seen, duplicates = set(), []
+    for job in jobs:
+        cfg = config(tmp_path, *fixed, *job)
+        key = (cfg.task, json.dumps(run_config(cfg, METHODS[cfg.method.name].uses_k), sort_keys=True), cfg.seed)
+        if key in seen:
+            duplicates.append(job)
+        seen.add(key)
+    return duplicates
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_no_experiment_sweep_repeats_a_run(tmp_path, experiment):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        params = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params
+    jobs = _jobs(*(f"{key}={value}" for key, value in (params or {}).items()))
+    assert not _duplicates(tmp_path, [f"experiment={experiment}"], jobs)
+
+
+def test_a_sweep_over_k_repeats_the_baseline_unless_split(tmp_path):
+    assert _duplicates(tmp_path, [], _jobs("method=baseline,mk", "k=2,4", "seed=0,1")) == [
+        ["method=baseline", "k=4", "seed=0"], ["method=baseline", "k=4", "seed=1"]
+    ]
+    assert not _duplicates(tmp_path, [], _jobs("method=mk", "k=2,4", "seed=0,1") + _jobs("method=baseline", "seed=0,1"))
+
+
+@pytest.fixture
+def user_model(monkeypatch):
+    """examples/custom_model.py importable, as PYTHONPATH=examples makes it on the command line."""
+    monkeypatch.syspath_prepend(EXAMPLES)
+    from custom_model import TinyClassifier
+
+    return TinyClassifier
+
+
+@pytest.mark.parametrize("method", ["baseline", "mk", "distill", "wide", "submodular"])
+def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, method):
+    cfg = config(tmp_path, *USER_MODEL, f"method={method}", "k=2", *TINY)
+    result = run(cfg)
+    assert result["task"] == "blobs/tiny" and result["config"]["model.module._target_"] == "custom_model.TinyClassifier"
+    assert 0 <= result["val_acc"] <= 1 and 0 <= result["test_acc"] <= 1 and result["test_loss"] > 0
+    small = user_model(16, 4, hidden=32)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    if method == "wide":
+        assert not result["deployable"] and state["fc1.weight"].shape == (64, 16)
+        return
+    small.load_state_dict(state, strict=True)
+    assert result["deployable"] and result["params"] == sum(p.numel() for p in small.parameters())
 
 
 @pytest.mark.parametrize(
@@ -79,6 +167,32 @@ def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):
     cfg = config(tmp_path / "out", *overrides, *TINY)
     with pytest.raises(ConfigError, match=message):
         run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=baseline_reg"], "method=baseline_reg sets the dropout of a built-in model.net"),
+        (["method=wide", "~model.width_arg"], "method=wide builds the model k times wider: set config key 'model.width_arg'"),
+        (["model.width_arg=depth"], "config key 'model.width_arg' is 'depth', which is not a key of model.module"),
+        (["model.module.hidden=-1"], r"config key 'model.module.hidden' \(the model width\) must be a positive integer"),
+        (["model.module._target_=custom_model.Missing"], "config key 'model.module._target_' is 'custom_model.Missing', which cannot be imported"),
+        (["model.module._target_=custom_model.Blobs"], "config key 'model.module._target_' must name a LightningModule"),
+        (["+model.net._target_=torch.nn.Linear"], "config key 'model' must have exactly one of 'net'"),
+    ],
+)
+def test_bad_user_model_config_fails_before_anything_is_made(tmp_path, user_model, overrides, message):
+    cfg = config(tmp_path / "out", *USER_MODEL, *overrides, *TINY)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_checks_batches_and_logits_before_training(tmp_path, user_model, monkeypatch):
+    monkeypatch.setattr(user_model, "forward", lambda self, x: self.fc1(x).unsqueeze(1))
+    with pytest.raises(ConfigError, match=r"forward to return logits \[batch, classes\], got \(64, 1, 32\)"):
+        run(config(tmp_path / "out", *USER_MODEL, "method=distill", "k=2", *TINY))
     assert not (tmp_path / "out").exists()
 
 
@@ -134,3 +248,35 @@ def test_submodular_from_a_saved_wide_model(tmp_path):
     loaded = run(config(tmp_path / "loaded", "method=submodular", f"method.wide_ckpt={tmp_path / 'wide' / 'model.pt'}", "method.finetune_epochs=0", *common))
     assert loaded["test_acc"] == in_run["test_acc_before_finetune"]
     assert loaded["train_time_s"] < in_run["train_time_s"], "selection alone costs less than training the wide model"
+
+
+def _app(*args, cwd, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_mk.experiments.run", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": EXAMPLES, **(env or {})}, timeout=300,
+    )
+
+
+def test_the_command_line_is_quiet_and_run_log_holds_the_run(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    done = _app("--config-dir", f"{EXAMPLES}/conf", "model=tiny", "data=blobs", "method=mk", "k=2", "trainer.max_epochs=2",
+                "logger=wandb", f"hydra.run.dir={out}", cwd=tmp_path, env={"PATH": env["PATH"]})
+    assert done.returncode == 0, done.stderr
+    console = (done.stdout + done.stderr).splitlines()
+    # the app's line, and W&B's one deprecation notice per process (Lightning's WandbLogger always sets `anonymous`)
+    (line,) = [line for line in console if "anonymous setting" not in line]
+    assert "[blobs/tiny] mk" in line and "val acc" in line
+    assert sorted(p.name for p in out.iterdir()) == [".hydra", "csv", "model.pt", "results.jsonl", "run.log", "wandb"]
+    log = (out / "run.log").read_text()
+    assert "Seed set to 0" in log and "`Trainer.fit` stopped" in log and "MajorityKernelCallback: saved" in log
+    assert line.split(" - ", 1)[1] in log and "Tip" not in log
+
+
+def test_a_config_error_leaves_no_run_folder(tmp_path):
+    done = _app(f"hydra.run.dir={tmp_path / 'run'}", "method=mk", "k=1", cwd=tmp_path)
+    assert done.returncode != 0 and "config key 'k' must be an integer >= 2 for method=mk, got 1" in done.stderr
+    assert not (tmp_path / "run").exists()
+    done = _app("-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "method=mk", "k=0,1", cwd=tmp_path)
+    assert done.returncode != 0 and "got 0" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml"], "the sweep's record only"

@@ -12,7 +12,7 @@
 # (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-run() { python -m lightning_mk.experiments.run -m logger=none +trainer.enable_progress_bar=false "$@"; }
+run() { python -m lightning_mk.experiments.run -m logger=none "$@"; }
 report() { python -m lightning_mk.experiments.report "runs/quality/$1" --out "benchmarks/results/quality/$1"; }
 best() { python benchmarks/quality/best_setting.py "$@"; }
 
@@ -96,7 +96,7 @@ for part in "$@"; do
         method=mk $mk_lr method.callback.anneal_noise=true "method.label='mk (select, k=4, replicate, anneal_noise)'"
       # per-rank noise needs ranks: DDP, 2 CPU processes (global batch 256), one run per job (multirun and
       # Lightning's DDP launcher do not mix), the same baseline and mk settings as above
-      ddp() { python -m lightning_mk.experiments.run logger=none +trainer.enable_progress_bar=false "${task[@]}" trainer.devices=2 \
+      ddp() { python -m lightning_mk.experiments.run logger=none "${task[@]}" trainer.devices=2 \
                 +trainer.strategy=ddp "task='mnist1d/mlp 100 ep, sgd, ddp 2 processes'" "$@"; }
       for s in 0 1 2 3 4; do
         ddp seed=$s hydra.run.dir=$d/ddp/baseline-s$s method=baseline $lr

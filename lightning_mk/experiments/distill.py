@@ -36,7 +36,8 @@ class Ensemble(nn.Module):
 
 
 class Distiller(Classifier):
-    """A ``Classifier`` whose training loss is :func:`kd_loss` against a frozen ``teacher``."""
+    """A ``Classifier`` whose training loss is :func:`kd_loss` against a frozen ``teacher``. The student ``net`` may
+    be a LightningModule (whose forward gives logits): it then keeps its own optimizers."""
 
     def __init__(self, net: nn.Module, teacher: nn.Module, num_classes: int, temperature: float = 4.0, alpha: float = 0.9, optimizer=None) -> None:
         super().__init__(net, num_classes, optimizer)

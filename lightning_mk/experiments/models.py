@@ -177,7 +177,8 @@ class Transformer(nn.Module):
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy training of ``net``; logs loss and accuracy for train, val and test."""
+    """Cross-entropy training of ``net`` (any module whose forward gives logits); logs loss and accuracy for train,
+    val and test. Without ``optimizer``, a LightningModule ``net`` is optimised by its own ``configure_optimizers``."""
 
     def __init__(
         self,
@@ -215,7 +216,9 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            return torch.optim.Adam(self.net.parameters(), lr=1e-3)
-        return self.optimizer(self.net.parameters())
+    def configure_optimizers(self):
+        if self.optimizer is not None:
+            return self.optimizer(self.net.parameters())
+        if isinstance(self.net, pl.LightningModule):
+            return self.net.configure_optimizers()  # a LightningModule as ``net`` keeps its own optimizers
+        return torch.optim.Adam(self.net.parameters(), lr=1e-3)

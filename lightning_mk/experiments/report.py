@@ -1,7 +1,9 @@
 """Tables and a plot of finished runs: ``python -m lightning_mk.experiments.report DIR_OR_FILE... [--out DIR] [--metric test_acc]``.
 
 Reads every ``results.jsonl`` (one JSON object per run) under the given folders, e.g. a Hydra multirun, and
-compares each label of a task with its baseline through a 95% CI, so that a gain is not read off a single seed.
+compares each row of a task with its baseline through a 95% CI, so that a gain is not read off a single seed.
+A row is one run config (every setting but the seed, the results' ``config``), so that runs with different
+settings are never pooled and a run trained twice is not counted as two seeds.
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-REQUIRED = ("task", "method", "label", "k", "seed", "test_acc", "params", "deployable", "train_time_s", "latency_ms")
-NUMERIC = ("test_acc", "params", "train_time_s", "latency_ms")
+REQUIRED = ("task", "method", "label", "k", "seed", "test_acc", "params", "deployable", "train_time_s", "config")
+NUMERIC = ("test_acc", "params", "train_time_s")
+#: Config keys that define the problem (what is learnt, by which model, for how long): a row's Δ is taken against
+#: the baseline row that has the same ones, since a gain over a baseline trained on another problem means nothing.
+PROBLEM = ("data.", "model.", "trainer.")
 CI_NOTE = (
-    "Δ: difference of means to the baseline row{unit}. 95% CI: paired t-interval on the per-seed differences when "
-    "both rows have the same seeds, otherwise Welch's t-interval (marked); quantiles from scipy.stats.t; "
-    "– where not computable (fewer than 2 seeds). Train time: mean over seeds; latency: median over seeds."
+    "Δ: difference of means to the task's baseline row with the same data.*, model.* and trainer.* settings{unit}; "
+    "none where no baseline row or several have them (a note under the table says which). 95% CI: paired "
+    "t-interval on the per-seed differences when both rows have the same seeds, otherwise Welch's t-interval "
+    "(marked); quantiles from scipy.stats.t; – where not computable (fewer than 2 seeds). Rows: one per run config "
+    "(all settings but the seed); rows sharing a label show the settings in which they differ. Train time: mean "
+    "over seeds."
 )
 
 
@@ -46,7 +54,8 @@ def _find(paths: list[Path]) -> list[Path]:
 
 
 def load_results(paths, metric: str = "test_acc") -> list[dict]:
-    """All runs in the ``results.jsonl`` files under ``paths`` (folders are searched recursively, files read as is).
+    """All runs in the ``results.jsonl`` files under ``paths`` (folders are searched recursively, files read as is),
+    each with ``source`` ("FILE, line N") added, to name a run that has no ``output_dir``.
 
     Raises ValueError with file and line for a bad line, so a broken run is found rather than silently dropped.
     """
@@ -65,13 +74,20 @@ def load_results(paths, metric: str = "test_acc") -> list[dict]:
                     raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
                 if not isinstance(run, dict):
                     raise ValueError(f"{where}: expected a JSON object, got {type(run).__name__}")
+                if "config" not in run:
+                    raise ValueError(
+                        f"{where}: missing field 'config' (the run's settings, which tell runs apart): the line was "
+                        "written by an older lightning_mk; rerun that run with this version, or leave its file out"
+                    )
                 missing = [field for field in required if field not in run]
                 if missing:
                     raise ValueError(f"{where}: missing field {', '.join(map(repr, missing))}")
                 bad = [f for f in (*NUMERIC, metric) if not is_number(run[f])]
                 if bad:
                     raise ValueError(f"{where}: field {bad[0]!r} is not a number: {run[bad[0]]!r}")
-                runs.append(run)
+                if not isinstance(run["config"], dict):
+                    raise ValueError(f"{where}: field 'config' must be a JSON object of settings: {run['config']!r}")
+                runs.append({**run, "source": where})
     if not runs:
         raise FileNotFoundError(f"no results found: no runs in a results.jsonl under {', '.join(map(str, paths))}")
     return runs
@@ -104,11 +120,51 @@ def _one(values: list):
     return distinct[0] if len(distinct) == 1 else "/".join(map(str, distinct))
 
 
-def _row(label: str, runs: list[dict], metric: str, scale: float) -> dict:
+_ABSENT = object()  # a config key that one run has and another lacks
+
+
+def _settings(run: dict) -> dict:
+    """Everything that defines the run but its seed: its config, with the line's method and k should it lack them."""
+    return {"method.name": run["method"], "k": run["k"], **run["config"]}
+
+
+def _key(run: dict) -> tuple:
+    """Runs with the same key are seeds of one row."""
+    return run["task"], run["label"], json.dumps(_settings(run), sort_keys=True)
+
+
+def _where(run: dict, other: dict) -> str:
+    """The run's folder; its file and line when it names none, or the same folder as ``other``."""
+    folder = run.get("output_dir")
+    return str(folder) if folder and folder != other.get("output_dir") else run.get("source", "(no output_dir)")
+
+
+def deduplicate(results: list[dict], drop: bool = False) -> list[dict]:
+    """The runs, checked for duplicates (same task, config and seed), since a run trained twice would count as two
+    seeds. Raises ValueError naming both; with ``drop``, keeps the first and warns on stderr about the other."""
+    first: dict[tuple, dict] = {}
+    kept = []
+    for run in results:
+        seen = first.setdefault((*_key(run), json.dumps(run["seed"])), run)
+        if seen is run:
+            kept.append(run)
+            continue
+        what = (f"duplicate runs of task {run['task']!r}, {run['label']!r}, seed {run['seed']!r} with the same config: "
+                f"{_where(seen, run)} and {_where(run, seen)}")  # fmt: skip
+        if not drop:
+            raise ValueError(f"{what}; move one out of the folders reported, or pass --dedup to keep the first")
+        print(f"warning: {what}; dropped {_where(run, seen)}", file=sys.stderr)
+    return kept
+
+
+def _row(runs: list[dict], metric: str, scale: float) -> dict:
     runs = sorted(runs, key=lambda r: r["seed"])
     values = np.array([r[metric] for r in runs], dtype=float) * scale
     return {
-        "label": label,
+        "label": runs[0]["label"],
+        "name": runs[0]["label"],  # with the settings that tell it apart from rows of the same label, see _name
+        "key": _key(runs[0]),
+        "settings": _settings(runs[0]),
         "method": runs[0]["method"],
         "metric": metric,
         "unit": "%" if scale == 100 else "",
@@ -122,43 +178,91 @@ def _row(label: str, runs: list[dict], metric: str, scale: float) -> dict:
         "params": _one([r["params"] for r in runs]),
         "deployable": all(r["deployable"] for r in runs),
         "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
-        "latency_ms": float(np.median([r["latency_ms"] for r in runs])),
     }
 
 
-def _compare(row: dict, ref: dict | None) -> dict:
-    """Δ to the baseline; paired only when the seeds match one to one, since pairing removes the seed's noise."""
-    if ref is None or row is ref:
-        return {"delta": None, "ci": None, "ci_kind": None}
+def _differ(a: dict, b: dict) -> list[str]:
+    return sorted(key for key in a.keys() | b.keys() if a.get(key, _ABSENT) != b.get(key, _ABSENT))
+
+
+def _show(value) -> str:
+    return "–" if value is _ABSENT else value if isinstance(value, str) else json.dumps(value)
+
+
+def _order(value) -> tuple:
+    """Numbers by value (5 before 20), then text, then absent."""
+    if is_number(value):
+        return 0, value, ""
+    return (2, 0, "") if value is _ABSENT else (1, 0, str(value))
+
+
+def _name(rows: list[dict]) -> None:
+    """Rows that share a label get the settings in which they differ, as ``distinct`` and in ``name``:
+    'label [key=value]'; ``order`` sorts them by those values."""
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    for same in by_label.values():
+        keys = sorted({key for row in same[1:] for key in _differ(row["settings"], same[0]["settings"])})
+        for row in same:
+            values = [row["settings"].get(key, _ABSENT) for key in keys]
+            row["distinct"] = "[" + ", ".join(f"{k}={_show(v)}" for k, v in zip(keys, values)) + "]" if keys else ""
+            row["name"] = f"{row['label']} {row['distinct']}" if keys else row["label"]
+            row["order"] = tuple(map(_order, values))
+
+
+def _problem(row: dict) -> dict:
+    return {key: value for key, value in row["settings"].items() if key.startswith(PROBLEM)}
+
+
+def _reference(row: dict, rows: list[dict]) -> tuple[dict | None, str | None]:
+    """The baseline row that ``row`` is compared with (see PROBLEM), or None and, where that needs saying, why."""
+    baselines = [r for r in rows if r["method"] == "baseline"]
+    if row["method"] == "baseline" or not baselines:
+        return None, None
+    same = [b for b in baselines if _problem(b) == _problem(row)]
+    if len(same) == 1:
+        return same[0], None
+    if not same:
+        why = "; ".join(f"{b['name']} differs in {', '.join(_differ(_problem(b), _problem(row)))}" for b in baselines)
+        return None, f"no baseline row has its data.*, model.* and trainer.* settings ({why})"
+    apart = ", ".join(sorted({key for b in same[1:] for key in _differ(b["settings"], same[0]["settings"])}))
+    names = ", ".join(b["name"] for b in same)
+    return None, (f"{len(same)} baseline rows have its data.*, model.* and trainer.* settings "
+                  f"({names}; they differ in {apart})")
+
+
+def _compare(row: dict, rows: list[dict]) -> dict:
+    """Δ to the row's baseline; paired only when the seeds match one to one, since pairing removes the seed's noise."""
+    ref, note = _reference(row, rows)
+    if ref is None:
+        return {"delta": None, "ci": None, "ci_kind": None, "reference": None, "note": note}
     a, b = np.array(row["values"]), np.array(ref["values"])
     paired = row["seeds"] == ref["seeds"] and len(set(row["seeds"])) == len(row["seeds"])
     ci = _t_interval(a - b) if paired else _welch(a, b)
-    return {"delta": row["mean"] - ref["mean"], "ci": ci, "ci_kind": "paired" if paired else "welch"}
+    return {"delta": row["mean"] - ref["mean"], "ci": ci, "ci_kind": "paired" if paired else "welch",
+            "reference": ref["name"], "note": None}  # fmt: skip
 
 
 def summarize(results: list[dict], metric: str = "test_acc") -> dict[str, list[dict]]:
-    """One row per label and task, the baseline first; metrics named like '*acc*' are fractions shown in %."""
+    """One row per task and run config (all settings but the seed), baseline rows first, each compared with its
+    baseline; metrics named like '*acc*' are fractions shown in %. Raises ValueError on duplicates (see deduplicate)."""
     scale = 100.0 if "acc" in metric else 1.0
-    tasks: dict[str, dict[str, list[dict]]] = {}
-    for run in results:
-        tasks.setdefault(run["task"], {}).setdefault(run["label"], []).append(run)
+    tasks: dict[str, dict[tuple, list[dict]]] = {}
+    for run in deduplicate(results):
+        tasks.setdefault(run["task"], {}).setdefault(_key(run), []).append(run)
     summary = {}
     for task in sorted(tasks):
-        rows = sorted((_row(label, runs, metric, scale) for label, runs in tasks[task].items()), key=lambda r: r["label"])
-        ref = next((r for r in rows if r["method"] == "baseline"), None)
-        rows.sort(key=lambda r: r is not ref)
-        summary[task] = [{**row, **_compare(row, ref)} for row in rows]
+        rows = [_row(runs, metric, scale) for runs in tasks[task].values()]
+        _name(rows)
+        rows.sort(key=lambda r: (r["method"] != "baseline", r["label"], r["order"]))
+        summary[task] = [{**row, **_compare(row, rows)} for row in rows]
     return summary
-
-
-def _reference(rows: list[dict]) -> dict | None:
-    return rows[0] if rows and rows[0]["method"] == "baseline" else None
 
 
 def _header(rows: list[dict]) -> list[str]:
     name = rows[0]["metric"].replace("_", " ")
-    return ["method", "k", "n seeds", f"{name} (mean ± std)", "Δ vs baseline [95% CI]", "params", "train time (s)",
-            "latency (ms)"]  # fmt: skip
+    return ["method", "k", "n seeds", f"{name} (mean ± std)", "Δ vs baseline [95% CI]", "params", "train time (s)"]
 
 
 def _cells(row: dict) -> list[str]:
@@ -170,30 +274,44 @@ def _cells(row: dict) -> list[str]:
         delta = f"{row['delta']:+.2f} {ci}" + (" (Welch)" if row["ci"] and row["ci_kind"] == "welch" else "")
     params = f"{row['params']:,}" if is_number(row["params"]) else str(row["params"])
     return [
-        row["label"].replace("|", "\\|"),
+        row["name"].replace("|", "\\|"),
         "–" if row["k"] is None else str(row["k"]),
         str(row["n"]),
         mean,
         delta,
         params + ("" if row["deployable"] else " (not deployable)"),
         f"{row['train_time_s']:.1f}",
-        f"{row['latency_ms']:.3f}",
     ]
 
 
+def _notes(rows: list[dict]) -> list[str]:
+    """Why a row has no Δ, and which baseline each Δ is against when the task has several."""
+    baselines = [r["name"] for r in rows if r["method"] == "baseline"]
+    if not baselines:
+        return ["Note: no baseline row for this task, so no Δ."]
+    notes = [f"Note: no Δ for {r['name']}: {r['note']}." for r in rows if r["note"]]
+    if len(baselines) > 1:
+        for base in baselines:
+            against = [r["name"] for r in rows if r["reference"] == base]
+            if against:
+                notes.append(f"Note: Δ against {base} for: {'; '.join(against)}.")
+    return notes
+
+
 def to_markdown(summary: dict[str, list[dict]]) -> str:
-    """A markdown table per task and one line on how the CIs are computed."""
+    """A markdown table per task with its notes (see _notes), and one paragraph on how rows and CIs are made."""
     out = []
     for task, rows in summary.items():
-        out += [f"## {task}", "", "| " + " | ".join(_header(rows)) + " |", "|---|" + "--:|" * 7]
+        out += [f"## {task}", "", "| " + " | ".join(_header(rows)) + " |", "|---|" + "--:|" * 6]
         out += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-        out.append("")
+        notes = _notes(rows)
+        out += ["", *notes, ""] if notes else [""]
     unit = next(iter(summary.values()))[0]["unit"] if summary else ""
     return "\n".join(out + [CI_NOTE.format(unit=", in percentage points" if unit == "%" else "")])
 
 
 def plot(summary: dict[str, list[dict]], path) -> None:
-    """Per task, every seed as a dot, the mean with its 95% CI, and the baseline mean as a dashed line."""
+    """Per task, every seed as a dot, the mean with its 95% CI, and each baseline row's mean as a dashed line."""
     from matplotlib.figure import Figure  # no pyplot: draws with Agg and leaves the caller's backend alone
     from matplotlib.lines import Line2D
 
@@ -212,9 +330,10 @@ def plot(summary: dict[str, list[dict]], path) -> None:
             lo, hi = row["mean_ci"] or (row["mean"], row["mean"])
             ax.errorbar(row["mean"], y, xerr=[[row["mean"] - lo], [hi - row["mean"]]], fmt="o", color=c, ms=6,
                         capsize=4, elinewidth=1.5)  # fmt: skip
-        if ref := _reference(rows):
-            ax.axvline(ref["mean"], ls="--", color="0.4", lw=1)
-        labels = [row["label"] + ("" if row["deployable"] else "\n(not deployable)") for row in rows]
+        for base in (row for row in rows if row["method"] == "baseline"):
+            ax.axvline(base["mean"], ls="--", color="0.4", lw=1)
+        labels = [row["label"] + (row["distinct"] and "\n" + row["distinct"])
+                  + ("" if row["deployable"] else "\n(not deployable)") for row in rows]  # fmt: skip
         ax.set_yticks(range(len(rows)), labels)
         ax.set_ylim(len(rows) - 0.5, -0.5)
         unit = f" ({rows[0]['unit']})" if rows[0]["unit"] else ""
@@ -232,13 +351,16 @@ def plot(summary: dict[str, list[dict]], path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def write_runs_csv(results: list[dict], path) -> None:
-    """One row per run with every field any run has; nested values as JSON."""
-    fields = list(dict.fromkeys(key for run in results for key in run))
+def write_runs_csv(results: list[dict], path, summary: dict[str, list[dict]] | None = None) -> None:
+    """One row per run with every field any run has; nested values as JSON. Given the summary, a first column
+    ``row`` names the table row each run is a seed of, to select a row's runs."""
+    names = {row["key"]: row["name"] for rows in (summary or {}).values() for row in rows}
+    runs = [{"row": names.get(_key(run), ""), **run} if summary else run for run in results]
+    fields = list(dict.fromkeys(key for run in runs for key in run))
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
-        for run in results:
+        for run in runs:
             writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in run.items()})
 
 
@@ -269,9 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: the first DIR, or the file's folder)")
     parser.add_argument("--metric", default="test_acc", help="numeric field to compare (default: test_acc)")
     parser.add_argument("--wandb", action="store_true", help="also log tables and plot to an offline W&B run in OUT")
+    parser.add_argument("--dedup", action="store_true",
+                        help="keep the first of runs with the same task, config and seed, with a warning naming the "
+                             "dropped one (default: stop with an error)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        results = load_results(args.paths, metric=args.metric)
+        results = deduplicate(load_results(args.paths, metric=args.metric), drop=args.dedup)
     except (OSError, ValueError) as err:
         parser.exit(1, f"error: {err}\n")
     first = args.paths[0]
@@ -282,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     (out / "report.md").write_text(markdown + "\n", encoding="utf-8")
     plot(summary, out / "report.png")
-    write_runs_csv(results, out / "runs.csv")
+    write_runs_csv(results, out / "runs.csv", summary)
     if args.wandb:
         log_to_wandb(summary, out / "report.png")
     print(f"wrote {out / 'report.md'}, {out / 'report.png'}, {out / 'runs.csv'}", file=sys.stderr)

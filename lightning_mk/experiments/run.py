@@ -1,26 +1,32 @@
 """One run = one method on one task with one seed (Hydra app; configs in the top-level ``conf/``).
 
     python -m lightning_mk.experiments.run method=mk k=4 seed=0
-    python -m lightning_mk.experiments.run -m method=baseline,mk k=2,4 seed=0,1      # a sweep (multirun)
+    python -m lightning_mk.experiments.run -m method=mk k=2,4 seed=0,1 hydra.sweep.dir=multirun/k/mk   # a sweep
 
-It trains, tests the deployable small model, saves it (``model.pt``, the ``state_dict`` of a
-``Classifier``) and writes one JSON line to ``results.jsonl`` in the run's output folder, which
-``python -m lightning_mk.experiments.report`` reads. Use a single process per job under multirun (Lightning's
-``ddp`` relaunches child ranks with the whole sweep's command line).
+The model is a built-in network (``model.net``, trained by :class:`Classifier` with the ``optimizer`` group) or
+any LightningModule (``model.module``, by ``_target_``, with its own loss and optimizers); the data any
+LightningDataModule (``data.module``). A run trains the method's deployable model, validates and tests it, saves
+its ``state_dict`` (``model.pt``) and writes one JSON line to ``results.jsonl`` in the run's folder, which
+``python -m lightning_mk.experiments.report`` reads; ``run.log`` beside them holds the run's log. Use a single
+process per job under multirun (Lightning's ``ddp`` relaunches child ranks with the whole sweep's command line).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import statistics
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple, Optional
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -31,42 +37,141 @@ from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.report import is_number
 from lightning_mk.experiments.submodular import OBJECTIVES, prune_to_width
 
-METHODS = ("baseline", "baseline_reg", "mk", "wide", "distill", "submodular")
+log = logging.getLogger(__name__)
+
 TEACHERS = ("ensemble", "wide")
+#: Settings that do not change what a run computes, left out of its results' ``config`` (besides ``k`` where
+#: the method does not use it).
+NOT_CONFIG = ("seed", "output_dir", "logger", "trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot work; raised before any data is made or any training."""
+    """A configuration value that cannot work; raised before any run folder, logger or training."""
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Fail fast, naming the key and the allowed values."""
-    method = cfg.method.name
-    if method not in METHODS:
-        raise ConfigError(f"config key 'method' is {method!r}; allowed: {list(METHODS)}")
+class Method(NamedTuple):
+    """A method of the study, selected by ``method.name``. ``train`` returns the deployable model and whether it
+    has the small model's size; ``check`` sees the config before anything is made, ``check_data`` the runner once
+    the data is made (both raise :class:`ConfigError`)."""
+
+    train: Callable[["Runner"], tuple[pl.LightningModule, bool]]
+    uses_k: bool
+    check: Optional[Callable[[DictConfig], None]]
+    check_data: Optional[Callable[["Runner"], object]]
+
+
+#: The methods, by name: the one list the config check, the results and the tests read.
+METHODS: dict[str, Method] = {}
+
+
+def method(uses_k: bool, check=None, check_data=None):
+    """Register the decorated function as the method of its name; ``uses_k``: whether ``k`` changes what it does."""
+
+    def register(train):
+        METHODS[train.__name__] = Method(train, uses_k, check, check_data)
+        return train
+
+    return register
+
+
+def check_config(cfg: DictConfig) -> Method:
+    """Fail fast, naming the key and the allowed values; return the selected method."""
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"config key 'method' is {name!r}; allowed: {list(METHODS)}")
+    chosen = METHODS[name]
     k = cfg.k
-    if method not in ("baseline", "baseline_reg") and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
-        raise ConfigError(f"config key 'k' must be an integer >= 2 for method={method}, got {k!r}")
-    n = cfg.model.net.n
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"config key 'model.net.n' (the model width) must be a positive integer, got {n!r}")
+    if chosen.uses_k and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+        raise ConfigError(f"config key 'k' must be an integer >= 2 for method={name}, got {k!r}")
+    models = [key for key in ("net", "module") if cfg.model.get(key) is not None]
+    if len(models) != 1:
+        raise ConfigError(
+            "config key 'model' must have exactly one of 'net' (a built-in network, see conf/model/) or 'module' "
+            f"(your LightningModule by _target_), got {models or 'neither'}"
+        )
+    if models == ["module"]:
+        _check_module_target(cfg)
+    key = _width_key(cfg)
+    if key is not None:
+        n = OmegaConf.select(cfg, key)
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"config key {key!r} (the model width) must be a positive integer, got {n!r}")
     data = cfg.data.module
     if "root" in data and not data.get("download", False) and not os.path.isdir(data.root):
         raise ConfigError(
             f"config key 'data.module.root' is {data.root!r}, which does not exist; point it at a copy of the "
             "data set or set data.module.download=true (needs internet)"
         )
-    if method == "distill":
-        if cfg.method.teacher not in TEACHERS:
-            raise ConfigError(f"config key 'method.teacher' is {cfg.method.teacher!r}; allowed: {list(TEACHERS)}")
-        for path in _teacher_paths(cfg):
-            if not os.path.isfile(path):
-                raise ConfigError(f"config key 'method.teacher_ckpt' names {path!r}, which does not exist")
-    if method == "submodular":
-        if cfg.method.objective not in OBJECTIVES:
-            raise ConfigError(f"config key 'method.objective' is {cfg.method.objective!r}; allowed: {list(OBJECTIVES)}")
-        if cfg.method.wide_ckpt is not None and not os.path.isfile(cfg.method.wide_ckpt):
-            raise ConfigError(f"config key 'method.wide_ckpt' names {cfg.method.wide_ckpt!r}, which does not exist")
+    if chosen.check is not None:
+        chosen.check(cfg)
+    return chosen
+
+
+def _check_module_target(cfg: DictConfig) -> None:
+    target = cfg.model.module.get("_target_")
+    try:
+        found = get_object(str(target))
+    except Exception as err:
+        raise ConfigError(
+            f"config key 'model.module._target_' is {target!r}, which cannot be imported ({err}); "
+            "put the folder of its file on PYTHONPATH"
+        ) from None
+    if isinstance(found, type) and not issubclass(found, pl.LightningModule):
+        raise ConfigError(f"config key 'model.module._target_' must name a LightningModule, got {target!r}")
+    arg = cfg.model.get("width_arg")
+    if arg is not None and arg not in cfg.model.module:
+        raise ConfigError(f"config key 'model.width_arg' is {arg!r}, which is not a key of model.module")
+
+
+def _width_key(cfg: DictConfig) -> str | None:
+    """The config key of the model's width, which the wide model multiplies by k; None if the model names none."""
+    if cfg.model.get("net") is not None:
+        return "model.net.n"
+    arg = cfg.model.get("width_arg")
+    return None if arg is None else f"model.module.{arg}"
+
+
+def _require_width(cfg: DictConfig, what: str) -> None:
+    if _width_key(cfg) is None:
+        raise ConfigError(
+            f"{what} builds the model k times wider: set config key 'model.width_arg' to the argument of "
+            "model.module that sets its width"
+        )
+
+
+def _check_baseline_reg(cfg: DictConfig) -> None:
+    if cfg.model.get("net") is None:
+        raise ConfigError(
+            "method=baseline_reg sets the dropout of a built-in model.net and the optimizer's weight decay; with "
+            "model.module give your module those arguments and use method=baseline"
+        )
+
+
+def _check_wide(cfg: DictConfig) -> None:
+    _require_width(cfg, "method=wide")
+
+
+def _check_distill(cfg: DictConfig) -> None:
+    if cfg.method.teacher not in TEACHERS:
+        raise ConfigError(f"config key 'method.teacher' is {cfg.method.teacher!r}; allowed: {list(TEACHERS)}")
+    if cfg.method.teacher == "wide":
+        _require_width(cfg, "method=distill with method.teacher=wide")
+    for path in _teacher_paths(cfg):
+        if not os.path.isfile(path):
+            raise ConfigError(f"config key 'method.teacher_ckpt' names {path!r}, which does not exist")
+
+
+def _check_submodular(cfg: DictConfig) -> None:
+    if cfg.method.objective not in OBJECTIVES:
+        raise ConfigError(f"config key 'method.objective' is {cfg.method.objective!r}; allowed: {list(OBJECTIVES)}")
+    if cfg.method.wide_ckpt is not None and not os.path.isfile(cfg.method.wide_ckpt):
+        raise ConfigError(f"config key 'method.wide_ckpt' names {cfg.method.wide_ckpt!r}, which does not exist")
+    _require_width(cfg, "method=submodular")
+    if cfg.model.get("module") is not None and not hasattr(get_object(cfg.model.module._target_), "hidden"):
+        raise ConfigError(
+            "method=submodular needs model.module to have hidden(): its prunable dimensions as a list of "
+            "lightning_mk.experiments.models.Hidden"
+        )
 
 
 def _teacher_paths(cfg: DictConfig) -> list[str]:
@@ -83,25 +188,74 @@ def _teacher_paths(cfg: DictConfig) -> list[str]:
     return paths
 
 
+def _check_data(run: "Runner") -> None:
+    if run.cfg.model.get("net") is not None:
+        missing = [attr for attr in ("in_shape", "num_classes") if not hasattr(run.data, attr)]
+        if missing:
+            raise ConfigError(
+                f"the built-in model.net reads in_shape and num_classes from the data module, and "
+                f"{run.cfg.data.module._target_} has no {' and no '.join(missing)}; add them, or use model.module"
+            )
+
+
+def _logit_classes(run: "Runner") -> int:
+    """The number of classes, from the model's output on one training batch; raises ConfigError unless batches
+    are ``(x, y)`` and the model's forward gives logits ``[batch, classes]`` (what distillation reads)."""
+    batch = next(iter(run.data.train_dataloader()))
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ConfigError(f"method=distill needs training batches (x, y), got a {type(batch).__name__}")
+    x, y = batch
+    model = run.module().eval()
+    with torch.no_grad():
+        logits = model(x)
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == len(y) and y.max() < logits.shape[1]):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"method=distill needs the model's forward to return logits [batch, classes], got {shape}")
+    return logits.shape[1]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_config(cfg: DictConfig, uses_k: bool) -> dict:
+    """Every setting that defines the run except the seed, as dotted keys: the composed config with interpolations
+    unresolved (so ``data.module.seed: ${seed}`` reads the same for every seed), without :data:`NOT_CONFIG`.
+    Two runs of one task with the same config and seed are duplicates."""
+    drop = NOT_CONFIG if uses_k else (*NOT_CONFIG, "k")
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    return {key: value for key, value in flat.items() if not any(key == d or key.startswith(d + ".") for d in drop)}
+
+
 class Runner:
     """Builds and trains what one method needs; every fit's wall-clock time is added to ``train_time_s``."""
 
-    def __init__(self, cfg: DictConfig, data: pl.LightningDataModule, loggers: list[Logger]) -> None:
-        self.cfg, self.data, self.loggers = cfg, data, loggers
+    def __init__(self, cfg: DictConfig, data: pl.LightningDataModule) -> None:
+        self.cfg, self.data = cfg, data
+        self.loggers: list[Logger] = []
         self.train_time_s = 0.0
         self.info: dict = {}
+        key = _width_key(cfg)
+        self.width = None if key is None else OmegaConf.select(cfg, key)
 
-    def net(self, width: int | None = None, dropout: float | None = None) -> nn.Module:
+    def module(self, width: int | None = None, dropout: float | None = None, weight_decay: float | None = None) -> pl.LightningModule:
+        """A new model: the user's ``model.module``, or the built-in ``model.net`` in a :class:`Classifier`."""
+        cfg = self.cfg
+        if cfg.model.get("module") is not None:
+            return instantiate(cfg.model.module, **({} if width is None else {cfg.model.width_arg: width}))
         options = {"in_shape": tuple(self.data.in_shape), "num_classes": self.data.num_classes}
         if width is not None:
             options["n"] = width
         if dropout is not None:
             options["dropout"] = dropout
-        return instantiate(self.cfg.model.net, **options)
-
-    def classifier(self, net: nn.Module, weight_decay: float | None = None) -> Classifier:
         extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-        return Classifier(net, self.data.num_classes, instantiate(self.cfg.optimizer, **extra))
+        return Classifier(instantiate(cfg.model.net, **options), self.data.num_classes, instantiate(cfg.optimizer, **extra))
 
     def fit(self, module: pl.LightningModule, log: bool = True, callbacks: Sequence[pl.Callback] = (), **trainer_options) -> pl.Trainer:
         """``log=False`` for auxiliary fits (teachers, the wide model before selection): the loggers
@@ -110,13 +264,19 @@ class Runner:
         start = time.perf_counter()
         trainer.fit(module, self.data)
         self.train_time_s += time.perf_counter() - start
-        self.info["train_acc"] = _metric(trainer, "train/acc")
-        self.info["val_acc"] = _metric(trainer, "val/acc")  # what a study tunes on, leaving test_acc unseen
+        value = trainer.callback_metrics.get("train/acc")
+        self.info["train_acc"] = None if value is None else float(value)
         return trainer
 
-    def test(self, module: pl.LightningModule) -> dict:
+    def evaluate(self, module: pl.LightningModule, stage: str) -> dict:
+        """``trainer.validate`` (stage ``val``) or ``trainer.test`` (``test``) of ``module``: what it logged."""
         trainer = instantiate(self.cfg.trainer, logger=False, enable_progress_bar=False)
-        (result,) = trainer.test(module, self.data, verbose=False)
+        (result,) = (trainer.validate if stage == "val" else trainer.test)(module, self.data, verbose=False)
+        if f"{stage}/acc" not in result:
+            raise RuntimeError(
+                f"the model logged no '{stage}/acc' in its {'validation' if stage == 'val' else 'test'}_step (it logged "
+                f"{sorted(result)}); the app records its accuracy under that name"
+            )
         return result
 
     def train_inputs(self, count: int) -> Iterator[torch.Tensor]:
@@ -127,146 +287,181 @@ class Runner:
             yield x[: count - seen]
             seen += len(x)
 
-    # one method each: return the deployable model and whether it has the small model's size
-    def baseline(self) -> tuple[Classifier, bool]:
-        model = self.classifier(self.net())
-        self.fit(model)
-        return model, True
 
-    def baseline_reg(self) -> tuple[Classifier, bool]:
-        model = self.classifier(self.net(dropout=self.cfg.method.dropout), weight_decay=self.cfg.method.weight_decay)
-        self.fit(model)
-        return model, True
+@method(uses_k=False)
+def baseline(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Plain training of the small model."""
+    model = run.module()
+    run.fit(model)
+    return model, True
 
-    def mk(self) -> tuple[Classifier, bool]:
-        path = os.path.join(self.cfg.output_dir, "mk_small_model.pt")
-        callback = instantiate(self.cfg.method.callback, save_path=path)
-        self.fit(self.classifier(self.net()), callbacks=[callback])
-        small = self.classifier(self.net())  # the user's own class at its own size, from the saved file
-        small.load_state_dict(torch.load(path, weights_only=True), strict=True)
-        return small, True
 
-    def wide(self) -> tuple[Classifier, bool]:
-        model = self.classifier(self.net(width=self.cfg.k * self.cfg.model.net.n))
-        self.fit(model)
-        return model, False
+@method(uses_k=False, check=_check_baseline_reg)
+def baseline_reg(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """The small model with dropout and weight decay."""
+    model = run.module(dropout=run.cfg.method.dropout, weight_decay=run.cfg.method.weight_decay)
+    run.fit(model)
+    return model, True
 
-    def teacher(self) -> nn.Module:
-        cfg = self.cfg
-        wide = cfg.method.teacher == "wide"
-        width = cfg.k * cfg.model.net.n if wide else None
-        paths = _teacher_paths(cfg)
-        members = []
-        for i in range(1 if wide else cfg.k):
-            pl.seed_everything(cfg.seed * 1000 + i + 1)  # each ensemble member its own initialisation
-            member = self.classifier(self.net(width=width))
-            if paths:
-                member.load_state_dict(torch.load(paths[i], weights_only=True), strict=True)
-            else:
-                self.fit(member, log=False)
-            members.append(member.net)
-        self.info["teacher_time_s"] = self.train_time_s
-        return members[0] if wide else Ensemble(members)
 
-    def distill(self) -> tuple[Classifier, bool]:
-        cfg = self.cfg
-        teacher = self.teacher()
-        pl.seed_everything(cfg.seed)
-        student = Distiller(
-            self.net(), teacher, self.data.num_classes, cfg.method.temperature, cfg.method.alpha, instantiate(cfg.optimizer)
-        )
-        self.fit(student)
-        return self.classifier(student.net), True
+@method(uses_k=True)
+def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Majority Kernels: the callback writes the small model's ``state_dict`` to the run's ``model.pt`` (one path
+    for every rank), which loads strictly into a new model of the user's class at its own size."""
+    path = os.path.join(run.cfg.output_dir, "model.pt")
+    run.fit(run.module(), callbacks=[instantiate(run.cfg.method.callback, save_path=path)])
+    small = run.module()
+    small.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return small, True
 
-    def submodular(self) -> tuple[Classifier, bool]:
-        cfg = self.cfg
-        wide = self.classifier(self.net(width=cfg.k * cfg.model.net.n))
-        if cfg.method.wide_ckpt is None:
-            self.fit(wide, log=cfg.method.finetune_epochs == 0)
+
+@method(uses_k=True, check=_check_wide)
+def wide(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Plain training at k times the width: a reference, not deployable at the small size."""
+    model = run.module(width=run.cfg.k * run.width)
+    run.fit(model)
+    return model, False
+
+
+def _teacher(run: Runner) -> nn.Module:
+    """The k-times-wider model, or an ensemble of k small ones; trained here or loaded from ``teacher_ckpt``."""
+    cfg = run.cfg
+    is_wide = cfg.method.teacher == "wide"
+    paths = _teacher_paths(cfg)
+    members = []
+    for i in range(1 if is_wide else cfg.k):
+        pl.seed_everything(cfg.seed * 1000 + i + 1)  # each ensemble member its own initialisation
+        member = run.module(width=cfg.k * run.width if is_wide else None)
+        if paths:
+            member.load_state_dict(torch.load(paths[i], weights_only=True), strict=True)
         else:
-            wide.load_state_dict(torch.load(cfg.method.wide_ckpt, weights_only=True), strict=True)
-        small = self.classifier(self.net())
-        start = time.perf_counter()
-        prune_to_width(wide.net, small.net, self.train_inputs(cfg.method.samples), cfg.method.objective, cfg.method.refit)
-        self.train_time_s += time.perf_counter() - start
-        if cfg.method.finetune_epochs:
-            self.info["test_acc_before_finetune"] = self.test(small)["test/acc"]
-            self.fit(small, max_epochs=cfg.method.finetune_epochs)
-        return small, True
+            run.fit(member, log=False)
+        members.append(member)
+    run.info["teacher_time_s"] = run.train_time_s
+    return members[0] if is_wide else Ensemble(members)
 
 
-def _metric(trainer: pl.Trainer, key: str) -> float | None:
-    value = trainer.callback_metrics.get(key)
-    return None if value is None else float(value)
+@method(uses_k=True, check=_check_distill, check_data=_logit_classes)
+def distill(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Knowledge distillation into the small model, which keeps its own optimizers."""
+    cfg = run.cfg
+    teacher = _teacher(run)
+    num_classes = _logit_classes(run)
+    pl.seed_everything(cfg.seed)
+    student = run.module()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")  # the teacher's
+        run.fit(Distiller(student, teacher, num_classes, cfg.method.temperature, cfg.method.alpha))
+    return student, True
 
 
-def latency_ms(net: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
-    """Median wall-clock of one eval-mode forward of ``x``, after warm-up."""
-    net.eval()
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 5):
-            start = time.perf_counter()
-            net(x)
-            if i >= 5:
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+@method(uses_k=True, check=_check_submodular)
+def submodular(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Select the small model's units from the trained wide model, then fine-tune."""
+    cfg = run.cfg
+    wide = run.module(width=cfg.k * run.width)
+    if cfg.method.wide_ckpt is None:
+        run.fit(wide, log=cfg.method.finetune_epochs == 0)
+    else:
+        wide.load_state_dict(torch.load(cfg.method.wide_ckpt, weights_only=True), strict=True)
+    small = run.module()
+    start = time.perf_counter()
+    nets = [m.net if isinstance(m, Classifier) else m for m in (wide, small)]  # whose hidden() names the units
+    prune_to_width(*nets, run.train_inputs(cfg.method.samples), cfg.method.objective, cfg.method.refit)
+    run.train_time_s += time.perf_counter() - start
+    if cfg.method.finetune_epochs:
+        run.info["test_acc_before_finetune"] = run.evaluate(small, "test")["test/acc"]
+        run.fit(small, max_epochs=cfg.method.finetune_epochs)
+    return small, True
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train, test and save one method's deployable model; return (and write) its results."""
-    check_config(cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    """Train, validate, test and save one method's deployable model; return (and write) its results."""
+    chosen = check_config(cfg)
     pl.seed_everything(cfg.seed)
     data = instantiate(cfg.data.module)
     data.prepare_data()
     data.setup("fit")  # make the data now, so that it is not counted as training time
-    loggers = [instantiate(c) for c in cfg.logger.values()]
+    runner = Runner(cfg, data)
+    _check_data(runner)
+    if chosen.check_data is not None:
+        chosen.check_data(runner)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    runner.loggers = [instantiate(c) for c in cfg.logger.values()]
     try:
-        for logger in loggers:
+        for logger in runner.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        runner = Runner(cfg, data, loggers)
-        model, deployable = getattr(runner, cfg.method.name)()
-        tested = runner.test(model)
-        x = next(iter(data.test_dataloader()))[0][: cfg.latency_batch]
+        model, deployable = chosen.train(runner)
+        val = runner.evaluate(model, "val")
+        tested = runner.evaluate(model, "test")
         result = {
             "task": cfg.task,
             "method": cfg.method.name,
             "label": cfg.method.label,
-            "k": None if cfg.method.name in ("baseline", "baseline_reg") else cfg.k,
+            "k": cfg.k if chosen.uses_k else None,
             "seed": cfg.seed,
+            "val_acc": val["val/acc"],  # what a study tunes on, leaving test_acc unseen
             "test_acc": tested["test/acc"],
-            "test_loss": tested["test/loss"],
-            "params": sum(p.numel() for p in model.net.parameters()),
+            "test_loss": tested.get("test/loss"),
+            "params": sum(p.numel() for p in model.parameters()),
             "deployable": deployable,
             "train_time_s": runner.train_time_s,
-            "latency_ms": latency_ms(model.net, x),
             **runner.info,
+            "config": run_config(cfg, chosen.uses_k),
             "output_dir": os.path.abspath(cfg.output_dir),
         }
         state = model.state_dict()
         write_atomically(os.path.join(cfg.output_dir, "model.pt"), lambda f: torch.save(state, f))
         line = (json.dumps(result) + "\n").encode()
         write_atomically(os.path.join(cfg.output_dir, "results.jsonl"), lambda f: f.write(line))
-        for logger in loggers:
+        for logger in runner.loggers:
             logger.log_metrics({f"final/{key}": float(value) for key, value in result.items() if is_number(value)})
             logger.save()
-        print(
-            f"[{result['task']}] {result['label']} seed={cfg.seed}: test acc {100 * result['test_acc']:.2f}% "
-            f"({result['params']:,} params, {result['train_time_s']:.1f} s training) -> {cfg.output_dir}"
+        log.info(
+            f"[{result['task']}] {result['label']} seed={cfg.seed}: val acc {100 * result['val_acc']:.2f}%, test acc "
+            f"{100 * result['test_acc']:.2f}% ({result['params']:,} params, {result['train_time_s']:.1f} s training) "
+            f"-> {cfg.output_dir}"
         )
         return result
     finally:
-        if any(isinstance(logger, WandbLogger) for logger in loggers):
+        if any(isinstance(logger, WandbLogger) for logger in runner.loggers):
             import wandb
 
             wandb.finish()  # under multirun, the next job must start its own W&B run
 
 
+def _no_tips(record: logging.LogRecord) -> bool:
+    """A logging filter: drops Lightning's advertisements ("Tip: ... litlogger / litmodels"), which every Trainer repeats."""
+    return "💡 Tip:" not in record.getMessage()
+
+
+def _remove_hydra_files(output_dir: str) -> None:
+    """After a config error: remove what Hydra wrote into the job's folder (its ``.hydra`` files and ``run.log``),
+    and the folder if that empties it. Anything else is left alone, as is a sweep's ``multirun.yaml``."""
+    folder = Path(output_dir)
+    subdir = HydraConfig.get().output_subdir
+    if subdir is not None:
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (folder / subdir / name).unlink(missing_ok=True)
+    (folder / "run.log").unlink(missing_ok=True)
+    for empty in ([folder / subdir] if subdir is not None else []) + [folder]:
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lightning_mk.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Returns the test accuracy, so a Hydra sweeper (e.g. Optuna) can optimise it."""
-    return run(cfg)["test_acc"]
+    """Run one job and return its validation accuracy (``val_acc``): the value a Hydra sweeper such as Optuna
+    optimises, so test accuracy stays unseen while tuning."""
+    for handler in logging.getLogger().handlers:  # Hydra's job logging: the console and run.log
+        handler.addFilter(_no_tips)
+    logging.captureWarnings(True)  # into run.log as well as the console
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, once per Trainer
+    try:
+        return run(cfg)["val_acc"]
+    except ConfigError:
+        _remove_hydra_files(HydraConfig.get().runtime.output_dir)
+        raise
 
 
 if __name__ == "__main__":

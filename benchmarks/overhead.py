@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mk import apply_majority_kernels, collapse
-from lightning_mk.layers import SUPPORTED_LAYERS
+from lightning_mk.layers import _eligible, _layer_types
 from lightning_mk.experiments.models import MLP, ResNet, Transformer
 from lightning_mk.schemes import SCHEMES
 
@@ -47,13 +47,10 @@ def make_optimizer(params, name: str) -> torch.optim.Optimizer:
 
 
 def kernel_numel(model: nn.Module) -> int:
-    """Parameters that MK would copy: the kernels of the supported layers."""
-    total = 0
-    for layer in model.modules():
-        kind = next((t for t in type(layer).__mro__ if t in SUPPORTED_LAYERS), None)
-        if kind is not None:
-            total += sum(layer._parameters[p].numel() for p in SUPPORTED_LAYERS[kind][0] if layer._parameters.get(p) is not None)
-    return total
+    """Parameters that MK would copy: the kernels of the supported layers (tied ones once)."""
+    eligible = _eligible(model, _layer_types(None), biases=False)
+    kernels = {id(layer._parameters[p]): layer._parameters[p] for uses in eligible.values() for layer, p in uses}
+    return sum(p.numel() for p in kernels.values())
 
 
 class Variant:
@@ -88,7 +85,7 @@ def variants(model_name: str, optimizer: str):
         yield f"floor k={k}", lambda k=k: Variant(f"floor k={k}", copy.deepcopy(plain), optimizer, shape, (k - 1) * kernel_numel(plain))
         for scheme in SCHEMES:
             yield f"mk {scheme} k={k}", lambda k=k, s=scheme: Variant(
-                f"mk {s} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=s), optimizer, shape
+                f"mk {s} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=s).module, optimizer, shape
             )
         yield f"wide k={k}", lambda k=k: Variant(f"wide k={k}", build(k * n), optimizer, shape)
 
@@ -148,7 +145,7 @@ def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, 
     torch.manual_seed(0)
     plain = build(n)
     runs = {}
-    for name, model in (("plain", copy.deepcopy(plain)), (f"mk {scheme} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=scheme))):
+    for name, model in (("plain", copy.deepcopy(plain)), (f"mk {scheme} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=scheme).module)):
         runs[f"{name}, eager"] = Variant(name, model, optimizer, shape)
         compiled = Variant(name, model, optimizer, shape)
         compiled.model = torch.compile(model)

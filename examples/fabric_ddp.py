@@ -35,7 +35,7 @@ def main() -> None:
     fabric.seed_everything(0)
     data = MNIST1DDataModule(num_samples=args.num_samples)
     data.setup("fit")
-    net = apply_majority_kernels(MLP(data.in_shape, data.num_classes, n=64), k=args.k, scheme="select", seed=0)
+    net = apply_majority_kernels(MLP(data.in_shape, data.num_classes, n=64), k=args.k, scheme="select", seed=0).module
     model, optimizer = fabric.setup(net, torch.optim.Adam(net.parameters(), lr=1e-3))
     train = fabric.setup_dataloaders(DataLoader(data.train_set, batch_size=128, shuffle=True))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import tempfile
 import weakref
 from collections.abc import Iterable, Sequence
@@ -11,21 +12,25 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import _is_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from typing_extensions import override
 
 from lightning_mk.atomic import write_atomically
 from lightning_mk.kernels import (
-    Draws,
-    MajorityKernel,
+    MajorityKernels,
     _check_options,
+    _refuse_other_settings,
     apply_majority_kernels,
-    collapse,
     collapsed_state_dict,
     copy_spread,
 )
+from lightning_mk.layers import Coverage, _layer_types
 
 __all__ = ["MajorityKernelCallback", "SUPPORTED_STRATEGIES"]
 
@@ -52,17 +57,22 @@ class MajorityKernelCallback(Callback):
         scheme: how a step combines the copies, a name in :data:`lightning_mk.SCHEMES`.
         init: ``"replicate"`` (copies start at the current weight) or ``"independent"``.
         include, exclude: module-name globs choosing the layers (e.g. ``exclude=["head"]``).
-        layer_types: layer classes or their names; default all supported.
+        layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);
+            default every type in :data:`lightning_mk.layers.SUPPORTED_LAYERS`. Add types with
+            :func:`lightning_mk.register_layer`; the coverage is logged when the model is rewritten,
+            with a warning when layers of unregistered types hold over 10% of the trainable parameters.
         biases: give biases copies too.
         init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
         grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``).
-        seed: keys every draw together with the step and the kernel, identically on every rank.
+        seed: keys every draw together with the step and the kernel, identically on every rank. Resuming
+            a fit needs the checkpoint's seed and init (refused otherwise, naming both values).
         anneal_noise: shrink each draw's deviation from the mean linearly to zero over training
             (``trainer.estimated_stepping_batches``), so the last steps train the model that is
             evaluated and deployed: the mean.
         per_rank_noise: each data-parallel rank draws its own coefficients (default: all ranks draw
             the same, so the ranks' gradients are of one sampled model).
-        save_path: file for the plain ``state_dict``; default ``<log_dir>/small_model.pt``.
+        save_path: file for the plain ``state_dict``, a path or any URL Lightning's checkpoints take
+            (``s3://...``, through fsspec); default ``<log_dir>/small_model.pt``.
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
@@ -90,7 +100,12 @@ class MajorityKernelCallback(Callback):
         _check_options(k, scheme, init, grad_scale, init_noise)
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
-        for name, flag in (("anneal_noise", anneal_noise), ("per_rank_noise", per_rank_noise)):
+        if not include:
+            raise ValueError("include=[] chooses no layer; the default ('*',) chooses every eligible layer")
+        _layer_types(layer_types)  # an unknown name fails here, listing the registered types
+        flags = dict(biases=biases, anneal_noise=anneal_noise, per_rank_noise=per_rank_noise)
+        flags.update(collapse_module=collapse_module, log_spread=log_spread)
+        for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.k = int(k)
@@ -109,10 +124,13 @@ class MajorityKernelCallback(Callback):
         self.collapse_module = collapse_module
         self.log_spread = log_spread
         self._module: Optional[weakref.ref] = None  # the module this callback rewrote (and maybe collapsed)
-        self._draws: Optional[Draws] = None  # None once that module is collapsed
+        #: The handle of the module being trained: set when the module is rewritten, None once collapsed.
+        self.kernels: Optional[MajorityKernels] = None
+        self._fitting = True  # False in validate/test/predict, which read only the mean
         self._step = 0
         self._total_steps = 0  # optimizer steps in this fit, for anneal_noise
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         strategy = trainer.strategy
         if not isinstance(strategy, SUPPORTED_STRATEGIES):
@@ -125,8 +143,9 @@ class MajorityKernelCallback(Callback):
                 f"collapse_module=True rewrites the module in place, which {type(strategy).__name__} has wrapped "
                 "or partitioned; load the saved small model (save_path) into a new module instead"
             )
-        if stage == "fit":
-            if self._owns(pl_module) and self._draws is None:
+        self._fitting = stage == "fit"
+        if self._fitting:
+            if self._owns(pl_module) and self.kernels is None:
                 raise ValueError(
                     "this module was collapsed by this MajorityKernelCallback at the end of an earlier fit; "
                     "use a new MajorityKernelCallback to train it with majority kernels again"
@@ -144,16 +163,22 @@ class MajorityKernelCallback(Callback):
         pl_module.configure_model = configure_model_then_apply
 
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
+        """Default ``save_path``, then check on rank zero that the file can be written, before training.
+        Paths and URLs go through fsspec, as Lightning's checkpoints do (``s3://``, ``memory://``, ...)."""
         if self.save_path is None:
             self.save_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt")
-            os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
+            fs, path = url_to_fs(self.save_path)
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if not trainer.is_global_zero:
             return
-        directory = os.path.dirname(os.path.abspath(self.save_path))
-        if os.path.isdir(self.save_path):
+        fs, path = url_to_fs(self.save_path)
+        directory = posixpath.dirname(path)
+        if fs.isdir(path):
             raise ValueError(f"save_path={self.save_path!r} is a directory; give a file path")
-        if not os.path.isdir(directory):
+        if not _is_dir(fs, directory):  # object stores have no directories: any prefix not taken by a file
             raise ValueError(f"the directory of save_path={self.save_path!r} does not exist: create it first")
+        if not isinstance(fs, LocalFileSystem):  # a probe there would leave an object, or need the right to delete
+            return
         try:  # os.access() says yes to root on read-only places; a real file says the truth
             with tempfile.TemporaryFile(dir=directory):
                 pass
@@ -173,7 +198,7 @@ class MajorityKernelCallback(Callback):
                 "let FSDPStrategy wrap them (its auto_wrap_policy) instead"
             )
         with _gathered(pl_module.parameters()):  # DeepSpeed ZeRO-3 built the layers partitioned
-            apply_majority_kernels(
+            self.kernels = apply_majority_kernels(
                 pl_module,
                 self.k,
                 self.scheme,
@@ -189,19 +214,22 @@ class MajorityKernelCallback(Callback):
                 step_on_forward=False,
             )
         self._module = weakref.ref(pl_module)
-        self._draws = next(m for m in pl_module.modules() if isinstance(m, MajorityKernel)).draws
-        self._draws.step = self._step
+        self.kernels.step = self._step
+        _report_coverage(self.kernels.coverage)
 
+    @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.anneal_noise:  # only then: estimating the run's length may set up the train dataloader
             self._total_steps = trainer.estimated_stepping_batches
 
+    @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._step += 1
-        self._draws.step = self._step
+        self.kernels.step = self._step
         if self.anneal_noise:  # by optimizer steps taken, so a resumed run continues the schedule
-            self._draws.noise = max(0.0, 1.0 - trainer.global_step / self._total_steps)
+            self.kernels.draws.noise = max(0.0, 1.0 - trainer.global_step / self._total_steps)
 
+    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.log_spread:
             state = _full_state(trainer.strategy)
@@ -210,6 +238,7 @@ class MajorityKernelCallback(Callback):
             metrics["mk/spread"] = sum(spread.values()) / len(spread)
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
 
+    @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         state = _full_state(trainer.strategy)
         if trainer.is_global_zero:
@@ -218,20 +247,28 @@ class MajorityKernelCallback(Callback):
             rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
-            collapse(pl_module)
-            self._draws = None
+            self.kernels.collapse()
+            self.kernels = None
 
+    @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         _unpatch(pl_module)  # if the run failed between setup and configure_model
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"k": self.k, "scheme": self.scheme, "init": self.init, "seed": self.seed, "step": self._step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # k and scheme were already checked when the model's state was loaded (MajorityKernel.set_extra_state)
+        """Resume the draw sequence. Training on needs the checkpoint's seed and init (its draws continue
+        that sequence); validate, test and predict use the mean only and take any. k and scheme are
+        checked earlier, when the model's state is loaded (``MajorityKernel.set_extra_state``)."""
+        if self._fitting:
+            current = self.state_dict()
+            _refuse_other_settings(state_dict, current, "the checkpoint being resumed", "this MajorityKernelCallback")
         self._step = state_dict["step"]
-        if self._draws is not None:
-            self._draws.step = self._step
+        if self.kernels is not None:
+            self.kernels.step = self._step
 
 
 def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
@@ -285,3 +322,17 @@ def _deepspeed_masters(strategy: DeepSpeedStrategy, state: dict[str, Any]) -> di
 
 def _unpatch(pl_module: "pl.LightningModule") -> None:
     pl_module.__dict__.pop("configure_model", None)
+
+
+def _report_coverage(coverage: Coverage) -> None:
+    """Log what got copies; warn when layers of unregistered types hold over 10% of the parameters,
+    so a model built from other libraries' layers is not trained mostly single without a word."""
+    rank_zero_info(f"MajorityKernelCallback: {coverage}")
+    if coverage.unregistered_share > 0.1:
+        kinds = sorted(coverage.unregistered.items(), key=lambda item: -item[1])
+        named = ", ".join(f"{kind.__module__}.{kind.__qualname__} ({n / coverage.total:.1%})" for kind, n in kinds)
+        rank_zero_warn(
+            f"MajorityKernelCallback: {coverage.unregistered_share:.1%} of the trainable parameters are in layers of "
+            f"types no registered layer type covers, and train without copies: {named}. To give them copies, call "
+            "lightning_mk.register_layer(<type or its qualified name>, kernels=(<parameter names>,)) before fit."
+        )

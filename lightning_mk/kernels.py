@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_mk.layers import SUPPORTED_LAYERS, _choose, _eligible, _layer_types
+from lightning_mk.layers import _check_resettable, _choose, _coverage, _eligible, _layer_types
 from lightning_mk.schemes import get_scheme
 
 __all__ = [
     "MajorityKernel",
+    "MajorityKernels",
     "Draws",
     "INITS",
     "GRAD_SCALES",
@@ -172,8 +173,6 @@ def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str
         copies = w.unsqueeze(0).repeat(k, *([1] * w.dim()))
     else:
         reset = getattr(layer, "reset_parameters", None) or getattr(layer, "_reset_parameters", None)
-        if reset is None:
-            raise ValueError(f"init='independent' needs {type(layer).__name__}.reset_parameters(); use init='replicate'")
         saved = {name: t.clone() for name, t in layer.state_dict().items()}
         devices = [] if w.device.type == "cpu" else [w.device]
         with torch.no_grad(), torch.random.fork_rng(devices=devices, device_type=w.device.type):
@@ -192,6 +191,78 @@ def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str
     return copies
 
 
+_SETTINGS = ("k", "scheme", "init", "seed")  # what a saved draw position is only valid with
+
+
+def _refuse_other_settings(saved: Mapping[str, Any], current: Mapping[str, Any], source: str, target: str) -> None:
+    """Raise if ``saved`` lacks a key of ``current`` or differs from it in k, scheme, init or seed,
+    naming both values of each difference."""
+    missing = [name for name in current if name not in saved]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}; a majority-kernel state has {list(current)}")
+    differ = [name for name in _SETTINGS if name in current and saved[name] != current[name]]
+    if differ:
+        was = ", ".join(f"{name}={saved[name]!r}" for name in differ)
+        now = ", ".join(f"{name}={current[name]!r}" for name in differ)
+        raise ValueError(f"{source} has {was}, but {target} has {now}; use the same {' and '.join(differ)} to resume")
+
+
+class MajorityKernels:
+    """What :func:`apply_majority_kernels` did to ``module``: its settings, the ``Draws`` its kernels
+    share, and the way back (:meth:`collapse`, :meth:`collapsed_state_dict`).
+
+    Save :meth:`state_dict` next to the module's and the optimizer's state to resume a raw-PyTorch run
+    exactly: it holds the draw position and noise level, which the module's state does not.
+    """
+
+    def __init__(self, module: nn.Module, draws: Draws, k: int, scheme: str, init: str) -> None:
+        self.module = module
+        self.draws = draws
+        self.k = k
+        self.scheme = scheme
+        self.init = init
+
+    @property
+    def seed(self) -> int:
+        return self.draws.seed
+
+    @property
+    def rank(self) -> Optional[int]:
+        return self.draws.rank
+
+    @property
+    def step(self) -> int:
+        """The draw position: training steps drawn so far (the next training forward draws ``step + 1``
+        with ``step_on_forward``)."""
+        return self.draws.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.draws.step = int(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        settings = {"k": self.k, "scheme": self.scheme, "init": self.init, "seed": self.seed, "rank": self.rank}
+        return settings | {"step": self.draws.step, "noise": self.draws.noise}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the draw position and noise level; refuse a state saved with another k, scheme, init or
+        seed. ``rank`` is not compared: with per-rank draws each process resumes with its own."""
+        _refuse_other_settings(state, self.state_dict(), "the state being loaded", "this model")
+        self.draws.step = int(state["step"])
+        self.draws.noise = float(state["noise"])
+
+    def collapse(self) -> nn.Module:
+        """:func:`collapse` the module in place (the step hook goes too) and return the plain module."""
+        return collapse(self.module)
+
+    def collapsed_state_dict(self) -> dict[str, Any]:
+        """:func:`collapsed_state_dict` of the module, which is left as it is."""
+        return collapsed_state_dict(self.module)
+
+    def __repr__(self) -> str:
+        return f"MajorityKernels({', '.join(f'{key}={value!r}' for key, value in self.state_dict().items())})"
+
+
 def apply_majority_kernels(
     module: nn.Module,
     k: int = 4,
@@ -207,12 +278,16 @@ def apply_majority_kernels(
     seed: int = 0,
     rank: Optional[int] = None,
     step_on_forward: bool = True,
-) -> nn.Module:
-    """Give every chosen kernel of ``module`` ``k`` trainable copies, in place; returns ``module``.
+) -> MajorityKernels:
+    """Give every chosen kernel of ``module`` ``k`` trainable copies, in place; returns the
+    :class:`MajorityKernels` handle (``.module``, ``.draws``, ``.step``, ``state_dict``, ``collapse``), whose
+    ``coverage`` (:class:`~lightning_mk.layers.Coverage`) says what share of the parameters got copies.
 
-    Layers are chosen by type (``layer_types``, default all of :data:`SUPPORTED_LAYERS`) and by module
-    name globs (``include``, ``exclude``). Frozen parameters are left alone. A parameter shared by
-    several layers (tied weights) gets one set of copies and one draw per step.
+    Layers are chosen by type (``layer_types``: classes or names, default every registered type, see
+    :func:`~lightning_mk.layers.register_layer`) and by module name globs (``include``, ``exclude``).
+    Frozen parameters are left alone. A parameter shared by several layers (tied weights) gets one set
+    of copies and one draw per step; a module holding it that is not of a chosen type (BERT's
+    prediction head holds its decoder's bias) is given the copies too.
 
     ``init="replicate"`` starts every copy at the current weight (plus centred relative noise
     ``init_noise``): the eval-mode model is unchanged, which is what fine-tuning needs.
@@ -227,18 +302,13 @@ def apply_majority_kernels(
     ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.
 
     With ``step_on_forward`` every training-mode forward of ``module`` draws new coefficients;
-    otherwise the caller advances ``Draws.step`` (the Lightning callback does, once per batch).
+    otherwise the caller advances the handle's ``step`` (the Lightning callback does, once per batch).
     Optimizers must be created after this call.
     """
     scale = _check_options(k, scheme, init, grad_scale, init_noise)
     if has_majority_kernels(module):
         raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
     eligible = _eligible(module, _layer_types(layer_types), biases)
-    if not eligible:
-        raise ValueError(
-            f"{type(module).__name__} has no layer with a trainable kernel of a supported type "
-            f"({sorted(t.__name__ for t in SUPPORTED_LAYERS)})"
-        )
     users: dict[int, list] = {}  # parameter id -> [(layer name, layer, parameter name)]
     params: dict[int, Tensor] = {}
     for name in _choose(eligible, include, exclude):
@@ -250,10 +320,16 @@ def apply_majority_kernels(
     for name, layer in module.named_modules():
         for pname, p in layer._parameters.items():
             if p is not None and id(p) in users and (id(layer), pname) not in chosen:
-                tied = f"{users[id(p)][0][0]}.{users[id(p)][0][2]}"
-                raise ValueError(
-                    f"{name}.{pname} is tied to {tied} but is not chosen; include both layers or exclude both"
-                )
+                if (layer, pname) in eligible.get(name, ()):  # left out by include or exclude
+                    tied = f"{users[id(p)][0][0]}.{users[id(p)][0][2]}"
+                    raise ValueError(
+                        f"{name}.{pname} is tied to {tied} but is not chosen; include both layers or exclude both"
+                    )
+                users[id(p)].append((name, layer, pname))  # a holder of another type follows the tie
+
+    if init == "independent":
+        _check_resettable(layer for uses in users.values() for _, layer, _ in uses)
+    coverage = _coverage(module, params)
 
     draws = Draws(int(seed), None if rank is None else int(rank))
     for index, (pid, uses) in enumerate(users.items()):
@@ -265,7 +341,9 @@ def apply_majority_kernels(
             layer.parametrizations[pname].original = copies
     if step_on_forward:
         module.register_forward_pre_hook(draws)
-    return module
+    handle = MajorityKernels(module, draws, int(k), scheme, init)
+    handle.coverage = coverage
+    return handle
 
 
 def _parametrized(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, MajorityKernel, Tensor]]:

@@ -3,11 +3,12 @@
 import os
 import types
 
+import fsspec
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch import strategies
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from helpers import TinyModule, loader, trainer
@@ -132,6 +133,24 @@ def test_resume_with_another_k_or_scheme_names_both(tmp_path, change):
         t.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
 
 
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(seed=8), "the checkpoint being resumed has seed=7, but this MajorityKernelCallback has seed=8"),
+        (dict(init="independent"), "has init='replicate', but this MajorityKernelCallback has init='independent'"),
+    ],
+)
+def test_resume_with_another_seed_or_init_names_both(tmp_path, change, expected):
+    root = str(tmp_path)
+    _fit_epochs(root, 1, "select")
+    options = dict(k=3, scheme="select", seed=7, save_path=tmp_path / "small.pt") | change
+    model = TinyModule()
+    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback(**options)])
+    with pytest.raises(ValueError, match=expected):
+        t.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert model.training_steps == 0
+
+
 class FailsAtStep3(TinyModule):
     def training_step(self, batch, batch_idx):
         if self.training_steps == 3:
@@ -155,6 +174,40 @@ def test_a_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path):
     assert path.read_bytes() == b"previous model"
 
 
+def test_save_path_can_be_an_fsspec_url(tmp_path):
+    fs = fsspec.filesystem("memory")
+    fs.makedirs("/mk-run", exist_ok=True)
+    try:
+        with pytest.raises(ValueError, match="save_path='memory://mk-run' is a directory; give a file path"):
+            _fit_until_error(tmp_path, save_path="memory://mk-run")
+        model = TinyModule()
+        _fit_until_error(tmp_path, model, save_path="memory://mk-run/small.pt")
+        with fsspec.open("memory://mk-run/small.pt", "rb") as f:
+            small = torch.load(f, weights_only=True)
+        plain = TinyModule()
+        plain.load_state_dict(small, strict=True)
+        model.eval()
+        x = torch.randn(8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), model(x))
+        assert fs.ls("/mk-run", detail=False) == ["/mk-run/small.pt"], "one file, no temporary left behind"
+        assert os.listdir(tmp_path) == []
+    finally:
+        fs.rm("/mk-run", recursive=True)
+
+
+def test_a_failed_write_to_a_url_keeps_the_old_file():
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/mk-atomic/small.pt", b"previous model")
+    try:
+        with pytest.raises(Exception):
+            write_atomically("memory://mk-atomic/small.pt", lambda f: torch.save({"x": lambda: None}, f))
+        assert fs.cat_file("/mk-atomic/small.pt") == b"previous model"
+        assert fs.ls("/mk-atomic", detail=False) == ["/mk-atomic/small.pt"]
+    finally:
+        fs.rm("/mk-atomic", recursive=True)
+
+
 def _fit_until_error(tmp_path, model=None, **options):
     model = model or TinyModule()
     cb = MajorityKernelCallback(**({"k": 2, "save_path": tmp_path / "small.pt"} | options))
@@ -169,6 +222,7 @@ def _fit_until_error(tmp_path, model=None, **options):
         (dict(exclude=["head"]), r"exclude pattern 'head' matches no eligible layer; eligible layers: \['net.0', 'net.2'\]"),
         (dict(save_path="/nonexistent-dir/small.pt"), "does not exist"),
         (dict(save_path="/proc/small.pt"), "cannot write to the directory"),
+        (dict(save_path="memory://no-such-dir/small.pt"), "the directory of save_path='memory://no-such-dir/small.pt' does not exist"),
     ],
 )
 def test_bad_setup_fails_before_any_training_step(tmp_path, options, message):
@@ -198,7 +252,7 @@ def test_applying_twice_fails_at_setup(tmp_path):
     callbacks = [MajorityKernelCallback(k=2), MajorityKernelCallback(k=3)]
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `MajorityKernelCallback`"):
         trainer(tmp_path, callbacks=callbacks)  # Lightning refuses it: one state_key per callback type
-    model = apply_majority_kernels(TinyModule(), k=2)
+    model = apply_majority_kernels(TinyModule(), k=2).module
     with pytest.raises(ValueError, match="already has majority kernels"):
         _fit_until_error(tmp_path, model)
     assert model.training_steps == 0
@@ -221,14 +275,14 @@ def test_bad_arguments_fail_in_init(options, message):
 
 def test_anneal_noise_goes_linearly_from_full_noise_to_the_mean(tmp_path):
     class Probe(pl.Callback):
-        def __init__(self):
-            self.noise = []
+        def __init__(self, cb):
+            self.cb, self.noise = cb, []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.noise.append(pl_module.net[0].parametrizations.weight[0].draws.noise)
+            self.noise.append(self.cb.kernels.draws.noise)
 
-    probe = Probe()  # after the MK callback, so it sees this step's level
     cb = MajorityKernelCallback(k=2, anneal_noise=True, save_path=tmp_path / "small.pt")
+    probe = Probe(cb)  # after the MK callback, so it sees this step's level
     trainer(tmp_path, max_epochs=2, callbacks=[cb, probe]).fit(TinyModule(), loader(n=64, batch_size=16))
     assert probe.noise == pytest.approx([1 - step / 8 for step in range(8)])  # 2 epochs x 4 batches
 
@@ -240,8 +294,8 @@ def test_anneal_noise_needs_a_finite_run(tmp_path):
     assert model.training_steps == 0
 
 
-@pytest.mark.parametrize("name", ["anneal_noise", "per_rank_noise"])
-def test_noise_flags_must_be_booleans(name):
+@pytest.mark.parametrize("name", ["biases", "anneal_noise", "per_rank_noise", "collapse_module", "log_spread"])
+def test_flags_must_be_booleans(name):
     with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):
         MajorityKernelCallback(**{name: "yes"})
 
@@ -260,10 +314,13 @@ def test_unsupported_strategies_are_refused_at_setup():
         cb.setup(fake_trainer, TinyModule(), "fit")
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), DeepSpeedStrategy()])
-def test_collapse_module_is_refused_with_sharded_strategies(strategy):
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_collapse_module_is_refused_with_sharded_strategies(name):
+    if name == "DeepSpeedStrategy":
+        pytest.importorskip("deepspeed")  # DeepSpeedStrategy() refuses to be built without it
+    strategy = getattr(strategies, name)()
     cb = MajorityKernelCallback(k=2, collapse_module=True)
-    with pytest.raises(ValueError, match=f"collapse_module=True rewrites the module in place, which {type(strategy).__name__}"):
+    with pytest.raises(ValueError, match=f"collapse_module=True rewrites the module in place, which {name}"):
         cb.setup(types.SimpleNamespace(callbacks=[cb], strategy=strategy), TinyModule(), "fit")
 
 

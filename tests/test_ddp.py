@@ -10,6 +10,8 @@ import torch
 
 from helpers import TinyModule
 
+pytestmark = pytest.mark.distributed
+
 
 @pytest.mark.parametrize(
     "per_rank, precision, compiled", [(False, "32-true", False), (True, "32-true", False), (False, "bf16-mixed", False), (False, "32-true", True)]

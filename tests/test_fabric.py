@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lightning_mk.experiments.models import MLP
+
+pytestmark = pytest.mark.distributed
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fabric_ddp.py")
 

@@ -188,7 +188,7 @@ def test_tied_weights_stay_tied(init):
 
 
 def test_copy_spread_of_a_module_or_its_state_dict_counts_tied_copies_once():
-    model = apply_majority_kernels(TiedLM(), k=2, step_on_forward=False)
+    model = apply_majority_kernels(TiedLM(), k=2, step_on_forward=False).module
     copies = kernel_copies(model)
     with torch.no_grad():
         copies["embed.weight"][0] = 1.0
@@ -206,7 +206,7 @@ def test_tied_weight_with_one_user_excluded_is_an_error():
 def test_replicate_keeps_the_function_and_independent_redraws():
     model, x = build("Linear")
     plain = copy.deepcopy(model).eval()
-    apply_majority_kernels(model, k=4, init="replicate", init_noise=0.1).eval()
+    apply_majority_kernels(model, k=4, init="replicate", init_noise=0.1).module.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x))
     copies = kernel_copies(model)["layer.weight"]
@@ -240,8 +240,7 @@ def test_include_exclude_and_layer_types_choose_layers():
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_noise_level_scales_the_draws_deviation_from_the_mean(scheme):
     model, _ = build("Linear")
-    apply_majority_kernels(model, k=4, scheme=scheme, init="independent", step_on_forward=False)
-    draws = model.layer.parametrizations.weight[0].draws
+    draws = apply_majority_kernels(model, k=4, scheme=scheme, init="independent", step_on_forward=False).draws
     mean = kernel_copies(model)["layer.weight"].mean(0)
     model.train()
     draws.step = 5
@@ -269,16 +268,15 @@ def test_rank_gives_each_process_its_own_draws():
 
 def test_raw_pytorch_draws_once_per_training_forward_and_collapse_removes_the_hook():
     model, x = build("Linear")
-    apply_majority_kernels(model, k=4, scheme="select")
-    kernel = model.layer.parametrizations.weight[0]
+    kernels = apply_majority_kernels(model, k=4, scheme="select")
     model.train()
     model(x)
     model(x)
-    assert kernel.draws.step == 2
+    assert kernels.step == 2
     model.eval()
     model(x)
-    assert kernel.draws.step == 2
-    collapse(model)
+    assert kernels.step == 2
+    assert kernels.collapse() is model
     assert not model._forward_pre_hooks
 
 
@@ -328,7 +326,7 @@ def test_loading_a_state_with_other_k_or_scheme_names_both():
         (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no eligible layer; eligible layers: \['0', '2'\]"),
         (dict(exclude=["head"]), r"exclude pattern 'head' matches no eligible layer; eligible layers: \['0', '2'\]"),
         (dict(exclude=["*"]), "leave no layer"),
-        (dict(layer_types=["LSTM"]), "unsupported layer type 'LSTM'"),
+        (dict(layer_types=["LayerNorm"]), "unknown layer type 'LayerNorm'; registered layer types: "),
     ],
 )
 def test_bad_options_are_rejected(kwargs, message):
@@ -341,7 +339,7 @@ def test_bad_options_are_rejected(kwargs, message):
 def test_no_eligible_layer_and_applying_twice_are_errors():
     with pytest.raises(ValueError, match="has no layer with a trainable kernel of a supported type"):
         apply_majority_kernels(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
-    model = apply_majority_kernels(nn.Linear(3, 3), k=2)
+    model = apply_majority_kernels(nn.Linear(3, 3), k=2).module
     with pytest.raises(ValueError, match="already has majority kernels"):
         apply_majority_kernels(model, k=2)
     with pytest.raises(ValueError, match="lazy and not yet initialised"):
@@ -355,8 +353,75 @@ def test_initialisation_is_the_same_in_another_process():
 
     code = (
         "import torch; from torch import nn; from lightning_mk import apply_majority_kernels, kernel_copies; "
-        "torch.manual_seed(0); m = apply_majority_kernels(nn.Linear(4, 3), k=3, init='independent', init_noise=0.1, seed=5); "
+        "torch.manual_seed(0); m = apply_majority_kernels(nn.Linear(4, 3), k=3, init='independent', init_noise=0.1, seed=5).module; "
         "print(float(kernel_copies(m)['weight'].double().sum()))"
     )
     sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
     assert len(sums) == 1, sums
+
+
+def _resumable_run(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    return apply_majority_kernels(net, k=3, scheme="convex", init="independent", seed=4)
+
+
+def _train_raw(kernels, optimizer, batches):
+    kernels.module.train()
+    for x, y in batches:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(kernels.module(x), y).backward()
+        optimizer.step()
+
+
+def test_raw_training_resumes_bit_for_bit_from_module_handle_and_optimizer_state(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(6)]
+    straight = _resumable_run()
+    straight.draws.noise = 0.5
+    _train_raw(straight, torch.optim.Adam(straight.module.parameters(), lr=0.01), batches)
+
+    first = _resumable_run()
+    first.draws.noise = 0.5
+    optimizer = torch.optim.Adam(first.module.parameters(), lr=0.01)
+    _train_raw(first, optimizer, batches[:3])
+    checkpoint = {"module": first.module.state_dict(), "mk": first.state_dict(), "optimizer": optimizer.state_dict()}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved["mk"] == {"k": 3, "scheme": "convex", "init": "independent", "seed": 4, "rank": None, "step": 3, "noise": 0.5}
+    ends = {}
+    for restore_handle in (True, False):
+        resumed = _resumable_run(seed=1)  # other initial weights: everything must come from the files
+        optimizer = torch.optim.Adam(resumed.module.parameters(), lr=0.01)
+        resumed.module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if restore_handle:
+            resumed.load_state_dict(saved["mk"])
+        _train_raw(resumed, optimizer, batches[3:])
+        ends[restore_handle] = resumed.module.state_dict()
+    assert resumed.step == 3 and first.step == 3 and straight.step == 6
+    for key, value in straight.module.state_dict().items():
+        assert torch.equal(ends[True][key], value), key
+    differs = [key for key, value in straight.module.state_dict().items() if not torch.equal(ends[False][key], value)]
+    assert differs, "without the handle's state the draws restart at step 1: the run must end elsewhere"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(seed=5), r"the state being loaded has seed=4, but this model has seed=5; use the same seed to resume"),
+        (dict(init="replicate"), r"has init='independent', but this model has init='replicate'; use the same init"),
+        (dict(k=2), r"has k=3, but this model has k=2"),
+    ],
+)
+def test_loading_handle_state_with_other_settings_names_both_values(change, message):
+    saved = _resumable_run()
+    saved.step = 7
+    options = dict(k=3, scheme="convex", init="independent", seed=4) | change
+    other = apply_majority_kernels(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), **options)
+    with pytest.raises(ValueError, match=message):
+        other.load_state_dict(saved.state_dict())
+    assert other.step == 0, "a refused state leaves the draw position as it was"
+    with pytest.raises(ValueError, match=r"lacks \['noise'\]"):
+        saved.load_state_dict({key: value for key, value in saved.state_dict().items() if key != "noise"})

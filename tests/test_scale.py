@@ -19,7 +19,7 @@ STEPS = 4
 def make_mk_net() -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    return apply_majority_kernels(net, k=4, scheme="convex", init="independent", seed=3)
+    return apply_majority_kernels(net, k=4, scheme="convex", init="independent", seed=3).module
 
 
 def batch():
@@ -65,6 +65,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_fsdp2_gather_and_collapse_equals_the_unsharded_run(tmp_path):
     out = str(tmp_path / "small.pt")
     mp.start_processes(fsdp2_worker, args=(2, free_port(), out), nprocs=2, start_method="spawn")

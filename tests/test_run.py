@@ -280,3 +280,25 @@ def test_a_config_error_leaves_no_run_folder(tmp_path):
     done = _app("-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "method=mk", "k=0,1", cwd=tmp_path)
     assert done.returncode != 0 and "got 0" in done.stderr
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml"], "the sweep's record only"
+
+
+@pytest.mark.parametrize("method", ["mk", "wide"])
+def test_load_model_rebuilds_a_saved_run(tmp_path, method):
+    """A run's model.pt loads into the model its .hydra/config.yaml describes, and tests as the run reported."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lightning_mk.experiments.run import load_model
+
+    out = tmp_path / "run"
+    done = _app(f"method={method}", "k=2", "data.module.num_samples=600", "trainer.max_epochs=1", "logger=none",
+                f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "results.jsonl").read_text())
+    model = load_model(out)
+    assert not model.training and sum(p.numel() for p in model.parameters()) == result["params"]
+    data = instantiate(OmegaConf.load(out / ".hydra" / "config.yaml").data.module)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (tested,) = trainer.test(model, data, verbose=False)
+    assert tested["test/acc"] == pytest.approx(result["test_acc"], abs=1e-6)

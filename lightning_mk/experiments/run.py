@@ -375,6 +375,18 @@ def submodular(run: Runner) -> tuple[pl.LightningModule, bool]:
     return small, True
 
 
+def load_model(folder: str | os.PathLike) -> pl.LightningModule:
+    """The deployable model a run saved (``<folder>/model.pt``), rebuilt from the run's ``.hydra/config.yaml``
+    at its own width (``wide``: k times the width), in eval mode. The data module is only constructed, not set up:
+    the built-in ones hold ``in_shape`` and ``num_classes`` as class attributes."""
+    folder = Path(folder)
+    cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    runner = Runner(cfg, instantiate(cfg.data.module))
+    model = runner.module(width=cfg.k * runner.width if cfg.method.name == "wide" else None)
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True), strict=True)
+    return model.eval()
+
+
 def run(cfg: DictConfig) -> dict:
     """Train, validate, test and save one method's deployable model; return (and write) its results."""
     chosen = check_config(cfg)

@@ -47,15 +47,18 @@ class MajorityKernelCallback(Callback):
     The model is rewritten right after ``configure_model`` (Lightning's last model-building hook, which
     runs after ``setup``), so layers built there are covered and the optimizer sees the copies.
     Training steps draw a fresh combination of the copies; validation and test run in eval mode on
-    the mean, so the metrics logged are the deployable model's. At the end of ``fit`` the plain
-    model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads with
-    ``strict=True`` into the user's unmodified LightningModule. Under FSDP and DeepSpeed the copies are
-    sharded like any parameter and gathered into full tensors for that file.
+    the mean (``mu`` when decoupled), so the metrics logged are the deployable model's. At the end of
+    ``fit`` the plain model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads
+    with ``strict=True`` into the user's unmodified LightningModule. Under FSDP and DeepSpeed the copies
+    are sharded like any parameter and gathered into full tensors for that file.
 
     Args:
         k: copies per kernel (>= 2).
         scheme: how a step combines the copies, a name in :data:`lightning_mk.SCHEMES`.
         init: ``"replicate"`` (copies start at the current weight) or ``"independent"``.
+        form: ``"copies"`` (store the k copies; the deployed mean trains k times slower under SGD) or
+            ``"decoupled"`` (store the deployed kernel and k deviations; it gets the plain model's
+            gradient). See ``apply_majority_kernels``.
         include, exclude: module-name globs choosing the layers (e.g. ``exclude=["head"]``).
         layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);
             default every type in :data:`lightning_mk.layers.SUPPORTED_LAYERS`. Add types with
@@ -63,12 +66,13 @@ class MajorityKernelCallback(Callback):
             with a warning when layers of unregistered types hold over 10% of the trainable parameters.
         biases: give biases copies too.
         init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
-        grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``).
+        grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``);
+            decoupled, it scales the deviations' gradients only.
         seed: keys every draw together with the step and the kernel, identically on every rank. Resuming
-            a fit needs the checkpoint's seed and init (refused otherwise, naming both values).
-        anneal_noise: shrink each draw's deviation from the mean linearly to zero over training
-            (``trainer.estimated_stepping_batches``), so the last steps train the model that is
-            evaluated and deployed: the mean.
+            a fit needs the checkpoint's seed, init and form (refused otherwise, naming both values).
+        anneal_noise: shrink each draw's deviation from the eval-mode kernel linearly to zero over
+            training (``trainer.estimated_stepping_batches``), so the last steps train the model that is
+            evaluated and deployed.
         per_rank_noise: each data-parallel rank draws its own coefficients (default: all ranks draw
             the same, so the ranks' gradients are of one sampled model).
         save_path: file for the plain ``state_dict``, a path or any URL Lightning's checkpoints take
@@ -84,6 +88,7 @@ class MajorityKernelCallback(Callback):
         k: int = 4,
         scheme: str = "select",
         init: str = "replicate",
+        form: str = "copies",
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         layer_types: Optional[Sequence[Union[type, str]]] = None,
@@ -97,7 +102,7 @@ class MajorityKernelCallback(Callback):
         collapse_module: bool = False,
         log_spread: bool = True,
     ) -> None:
-        _check_options(k, scheme, init, grad_scale, init_noise)
+        _check_options(k, scheme, init, grad_scale, init_noise, form)
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
         if not include:
@@ -111,6 +116,7 @@ class MajorityKernelCallback(Callback):
         self.k = int(k)
         self.scheme = scheme
         self.init = init
+        self.form = form
         self.include = tuple(include)
         self.exclude = tuple(exclude)
         self.layer_types = layer_types
@@ -203,6 +209,7 @@ class MajorityKernelCallback(Callback):
                 self.k,
                 self.scheme,
                 self.init,
+                form=self.form,
                 include=self.include,
                 exclude=self.exclude,
                 layer_types=self.layer_types,
@@ -256,13 +263,15 @@ class MajorityKernelCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "scheme": self.scheme, "init": self.init, "seed": self.seed, "step": self._step}
+        settings = {"k": self.k, "scheme": self.scheme, "init": self.init, "form": self.form, "seed": self.seed}
+        return settings | {"step": self._step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the draw sequence. Training on needs the checkpoint's seed and init (its draws continue
-        that sequence); validate, test and predict use the mean only and take any. k and scheme are
-        checked earlier, when the model's state is loaded (``MajorityKernel.set_extra_state``)."""
+        """Resume the draw sequence. Training on needs the checkpoint's seed, init and form (its draws
+        continue that sequence); validate, test and predict use the eval-mode kernel only and take any.
+        k, scheme and form are checked earlier too, when the model's state is loaded
+        (``MajorityKernel.set_extra_state``)."""
         if self._fitting:
             current = self.state_dict()
             _refuse_other_settings(state_dict, current, "the checkpoint being resumed", "this MajorityKernelCallback")
@@ -301,7 +310,7 @@ def _deepspeed_masters(strategy: DeepSpeedStrategy, state: dict[str, Any]) -> di
     """``state`` with each parameter replaced by DeepSpeed's fp32 master of it, whole, in rank zero's CPU
     memory (other ranks get ``{}``). Under mixed precision Lightning's DeepSpeed turns the module itself
     into 16-bit copies of the masters, which live, sharded, in DeepSpeed's optimizer; so the small model
-    is the masters' mean, in fp32 as with the other strategies (in the module's dtype under a "-true"
+    is collapsed from the masters, in fp32 as with the other strategies (in the module's dtype under a "-true"
     precision). A parameter the optimizer does not hold (frozen) is read from the module."""
     from deepspeed.utils import safe_get_full_fp32_param
 

@@ -5,6 +5,12 @@ attached with :mod:`torch.nn.utils.parametrize`: in training mode the layer sees
 combination of the copies drawn by a :class:`~lightning_mk.schemes.Scheme`, in eval mode their
 mean. :func:`collapse` turns the module back into the user's plain architecture holding the means.
 
+With ``form="decoupled"`` the tensor is ``[k + 1, *S]`` instead: row 0 is the deployed kernel ``mu``,
+rows 1..k deviations ``delta_i``, and the copies are ``mu + delta_i - mean(delta)``. The sampled kernel,
+``mu + combine(delta) - mean(delta)``, is the scheme's combination of those copies (its coefficients sum
+to one), but ``mu`` gets the plain model's gradient rather than 1/k of it, so the deployed kernel trains
+at the plain model's pace.
+
 Draws are keyed by ``(seed, step, kernel index)``, so every process of a data-parallel run samples
 the same coefficients with no communication, tied weights share one draw, and a re-run forward
 (activation checkpointing) sees the same kernel.
@@ -29,6 +35,7 @@ __all__ = [
     "MajorityKernels",
     "Draws",
     "INITS",
+    "FORMS",
     "GRAD_SCALES",
     "apply_majority_kernels",
     "collapse",
@@ -39,6 +46,7 @@ __all__ = [
 ]
 
 INITS = ("replicate", "independent")
+FORMS = ("copies", "decoupled")
 GRAD_SCALES = ("none", "k", "matched")
 
 
@@ -56,9 +64,9 @@ class Draws:
 
     As a forward pre-hook on the root module it advances the counter once per training forward; the
     Lightning callback instead sets ``step`` itself once per training batch. ``noise`` in [0, 1]
-    scales each draw's deviation from the mean (1: the scheme's draw, 0: the mean itself), which is
-    how the callback anneals the noise. ``rank`` (None: every process draws the same) gives each
-    data-parallel process its own draws.
+    scales each draw's deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode
+    kernel itself: the mean, or ``mu`` when decoupled), which is how the callback anneals the noise.
+    ``rank`` (None: every process draws the same) gives each data-parallel process its own draws.
     """
 
     def __init__(self, seed: int, rank: Optional[int] = None) -> None:
@@ -92,63 +100,91 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def _kernel_settings(value: Any) -> Optional[dict]:
-    """``{"k", "scheme"}`` from a majority kernel's extra state; None for any other value."""
+    """``{"k", "scheme", "form"}`` from a majority kernel's extra state (a state saved before forms
+    existed is ``"copies"``); None for any other value."""
     if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
         return None
     try:
         settings = json.loads(bytes(value.tolist()))
     except ValueError:
         return None
-    return settings if isinstance(settings, dict) and set(settings) == {"k", "scheme"} else None
+    if not (isinstance(settings, dict) and set(settings) in ({"k", "scheme"}, {"k", "scheme", "form"})):
+        return None
+    return {"form": "copies"} | settings
 
 
 class MajorityKernel(nn.Module):
-    """Parametrization ``[k, *S] -> S``: a random combination of the copies in training, their mean in eval."""
+    """Parametrization of the stored tensor to the kernel ``S``: a random combination of the copies in
+    training; in eval their mean (``form="copies"``, stored ``[k, *S]``) or ``mu`` (``form="decoupled"``,
+    stored ``[k + 1, *S]``: ``mu`` then the deviations)."""
 
-    def __init__(self, k: int, scheme: str, index: int, draws: Draws, grad_scale: float = 1.0) -> None:
+    def __init__(
+        self, k: int, scheme: str, index: int, draws: Draws, grad_scale: float = 1.0, form: str = "copies"
+    ) -> None:
         super().__init__()
         self.k = k
         self.scheme = scheme
         self.index = index
         self.draws = draws
         self.grad_scale = grad_scale
+        self.form = form
         self._scheme = get_scheme(scheme)
 
     @torch.compiler.disable
-    def forward(self, copies: Tensor) -> Tensor:
+    def forward(self, stored: Tensor) -> Tensor:
         """Eager under ``torch.compile``: a traced draw would guard on the step counter (a recompile
         every step), a ``Generator`` cannot be made in a graph, and one traced frame shared by kernels
         of different shapes would recompile per shape."""
+        if self.form == "decoupled":
+            return self._decoupled(stored[0], stored[1:])
         if not self.training:
-            return copies.mean(0)
-        if self.grad_scale != 1.0:
-            copies = _ScaleGrad.apply(copies, self.grad_scale)
-        generator = torch.Generator(copies.device).manual_seed(self.draws.key(self.index))
-        kernel = self._scheme.combine(copies, generator)
+            return stored.mean(0)
+        copies = stored if self.grad_scale == 1.0 else _ScaleGrad.apply(stored, self.grad_scale)
+        kernel = self._scheme.combine(copies, self._generator(copies))
         if self.draws.noise != 1.0:
             kernel = torch.lerp(copies.mean(0), kernel, self.draws.noise)
         return kernel
 
+    def _decoupled(self, mu: Tensor, deltas: Tensor) -> Tensor:
+        """``mu + combine(deltas) - mean(deltas)``: unbiased around ``mu`` for every scheme, and ``mu``'s
+        gradient is the sampled kernel's, unscaled."""
+        if not self.training:
+            return mu
+        if self.grad_scale != 1.0:
+            deltas = _ScaleGrad.apply(deltas, self.grad_scale)
+        kernel = mu + (self._scheme.combine(deltas, self._generator(deltas)) - deltas.mean(0))
+        if self.draws.noise != 1.0:
+            kernel = torch.lerp(mu, kernel, self.draws.noise)
+        return kernel
+
+    def _generator(self, like: Tensor) -> torch.Generator:
+        return torch.Generator(like.device).manual_seed(self.draws.key(self.index))
+
     def get_extra_state(self) -> Tensor:
-        """``k`` and the scheme, as JSON in a uint8 tensor: distributed checkpoints (FSDP's sharded state
-        dict, ``torch.distributed.checkpoint``) expect tensors in a model's state."""
-        return torch.frombuffer(bytearray(json.dumps({"k": self.k, "scheme": self.scheme}).encode()), dtype=torch.uint8)
+        """``k``, the scheme and the form, as JSON in a uint8 tensor: distributed checkpoints (FSDP's
+        sharded state dict, ``torch.distributed.checkpoint``) expect tensors in a model's state."""
+        settings = {"k": self.k, "scheme": self.scheme, "form": self.form}
+        return torch.frombuffer(bytearray(json.dumps(settings).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: Tensor) -> None:
         saved = _kernel_settings(state)
         if saved is None:
             raise ValueError(f"the state being loaded has no majority-kernel settings where this model has them: {state!r}")
-        if (saved["k"], saved["scheme"]) != (self.k, self.scheme):
+        if (saved["k"], saved["scheme"], saved["form"]) != (self.k, self.scheme, self.form):
             raise ValueError(
                 f"the state being loaded has majority kernels with k={saved['k']}, scheme={saved['scheme']!r}, "
-                f"but this model has k={self.k}, scheme={self.scheme!r}; use the same k and scheme to resume"
+                f"form={saved['form']!r}, but this model has k={self.k}, scheme={self.scheme!r}, form={self.form!r}; "
+                "use the same k, scheme and form to resume"
             )
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, scheme={self.scheme!r}, index={self.index}, grad_scale={self.grad_scale:g}"
+        settings = f"k={self.k}, scheme={self.scheme!r}, form={self.form!r}"
+        return f"{settings}, index={self.index}, grad_scale={self.grad_scale:g}"
 
 
-def _check_options(k: int, scheme: str, init: str, grad_scale: Union[str, float], init_noise: float) -> float:
+def _check_options(
+    k: int, scheme: str, init: str, grad_scale: Union[str, float], init_noise: float, form: str = "copies"
+) -> float:
     """Validate the options shared by the callback and :func:`apply_majority_kernels`; return the
     gradient scale as a number."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
@@ -156,6 +192,8 @@ def _check_options(k: int, scheme: str, init: str, grad_scale: Union[str, float]
     scheme_ = get_scheme(scheme)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid inits: {list(INITS)}")
+    if not isinstance(form, str) or form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid forms: {list(FORMS)}")
     if isinstance(init_noise, bool) or not isinstance(init_noise, numbers.Real) or init_noise < 0:
         raise ValueError(f"init_noise must be a number >= 0, got {init_noise!r}")
     if isinstance(grad_scale, str):
@@ -191,12 +229,23 @@ def _init_copies(weight: Tensor, layer: nn.Module, pname: str, k: int, init: str
     return copies
 
 
-_SETTINGS = ("k", "scheme", "init", "seed")  # what a saved draw position is only valid with
+def _init_stored(copies: Tensor, weight: Tensor, init: str, form: str) -> Tensor:
+    """The stored tensor of a kernel whose initial copies are ``copies``: those, or (decoupled) ``mu``
+    (the weight itself when replicated, else the copies' mean) followed by each copy's offset from it."""
+    if form == "copies":
+        return copies
+    mu = weight.detach().clone() if init == "replicate" else copies.mean(0)
+    return torch.cat([mu.unsqueeze(0), copies - mu])
+
+
+_SETTINGS = ("k", "scheme", "init", "form", "seed")  # what a saved draw position is only valid with
+_DEFAULTS = {"form": "copies"}  # settings a state saved before they existed had
 
 
 def _refuse_other_settings(saved: Mapping[str, Any], current: Mapping[str, Any], source: str, target: str) -> None:
-    """Raise if ``saved`` lacks a key of ``current`` or differs from it in k, scheme, init or seed,
+    """Raise if ``saved`` lacks a key of ``current`` or differs from it in k, scheme, init, form or seed,
     naming both values of each difference."""
+    saved = _DEFAULTS | dict(saved)
     missing = [name for name in current if name not in saved]
     if missing:
         raise ValueError(f"{source} lacks {missing}; a majority-kernel state has {list(current)}")
@@ -215,12 +264,13 @@ class MajorityKernels:
     exactly: it holds the draw position and noise level, which the module's state does not.
     """
 
-    def __init__(self, module: nn.Module, draws: Draws, k: int, scheme: str, init: str) -> None:
+    def __init__(self, module: nn.Module, draws: Draws, k: int, scheme: str, init: str, form: str = "copies") -> None:
         self.module = module
         self.draws = draws
         self.k = k
         self.scheme = scheme
         self.init = init
+        self.form = form
 
     @property
     def seed(self) -> int:
@@ -241,12 +291,13 @@ class MajorityKernels:
         self.draws.step = int(value)
 
     def state_dict(self) -> dict[str, Any]:
-        settings = {"k": self.k, "scheme": self.scheme, "init": self.init, "seed": self.seed, "rank": self.rank}
+        settings = {"k": self.k, "scheme": self.scheme, "init": self.init, "form": self.form}
+        settings |= {"seed": self.seed, "rank": self.rank}
         return settings | {"step": self.draws.step, "noise": self.draws.noise}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the draw position and noise level; refuse a state saved with another k, scheme, init or
-        seed. ``rank`` is not compared: with per-rank draws each process resumes with its own."""
+        """Restore the draw position and noise level; refuse a state saved with another k, scheme, init,
+        form or seed. ``rank`` is not compared: with per-rank draws each process resumes with its own."""
         _refuse_other_settings(state, self.state_dict(), "the state being loaded", "this model")
         self.draws.step = int(state["step"])
         self.draws.noise = float(state["noise"])
@@ -269,6 +320,7 @@ def apply_majority_kernels(
     scheme: str = "select",
     init: str = "replicate",
     *,
+    form: str = "copies",
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     layer_types: Optional[Sequence[Union[type, str]]] = None,
@@ -294,9 +346,18 @@ def apply_majority_kernels(
     ``init="independent"`` re-draws each copy with the layer's own initializer: the copies start
     diverse, but their mean has ``1/sqrt(k)`` of the usual initial scale.
 
+    ``form="copies"`` stores the k copies (``[k, *S]``); the deployed kernel, their mean, gets 1/k of
+    the sampled kernel's gradient, so it trains k times slower than the plain model under SGD (about
+    sqrt(k) under Adam). ``form="decoupled"`` stores the deployed kernel ``mu`` and k deviations
+    (``[k + 1, *S]``, row 0 is ``mu``); the copies are ``mu + delta_i - mean(delta)``, ``mu`` gets the
+    plain model's gradient (with all deviations zero this is plain training, under any optimizer) and
+    the deviations their share of it. Replicated, ``mu`` is the weight and the deviations zero (plus
+    ``init_noise``); independent, ``mu`` is the draws' mean and the deviations the draws' offsets.
+
     ``grad_scale`` multiplies the copies' gradients: ``"none"`` (1), ``"k"`` (the mean then moves
     at the plain model's pace under SGD) or ``"matched"`` (``1 / E[sum a_i^2]``: the sampled kernel
-    moves one plain step per step), or a number.
+    moves one plain step per step), or a number. Decoupled, it multiplies the deviations' gradients
+    only: ``mu`` always gets the plain gradient.
 
     ``rank`` (e.g. the process's global rank) gives each data-parallel process its own draws
     ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.
@@ -305,7 +366,7 @@ def apply_majority_kernels(
     otherwise the caller advances the handle's ``step`` (the Lightning callback does, once per batch).
     Optimizers must be created after this call.
     """
-    scale = _check_options(k, scheme, init, grad_scale, init_noise)
+    scale = _check_options(k, scheme, init, grad_scale, init_noise, form)
     if has_majority_kernels(module):
         raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
     eligible = _eligible(module, _layer_types(layer_types), biases)
@@ -334,21 +395,22 @@ def apply_majority_kernels(
     draws = Draws(int(seed), None if rank is None else int(rank))
     for index, (pid, uses) in enumerate(users.items()):
         _, layer, pname = uses[0]
-        copies = nn.Parameter(_init_copies(params[pid], layer, pname, k, init, init_noise, int(seed), index))
-        kernel = MajorityKernel(int(k), scheme, index, draws, scale)
+        copies = _init_copies(params[pid], layer, pname, k, init, init_noise, int(seed), index)
+        stored = nn.Parameter(_init_stored(copies, params[pid], init, form))
+        kernel = MajorityKernel(int(k), scheme, index, draws, scale, form)
         for _, layer, pname in uses:
             parametrize.register_parametrization(layer, pname, kernel, unsafe=True)
-            layer.parametrizations[pname].original = copies
+            layer.parametrizations[pname].original = stored
     if step_on_forward:
         module.register_forward_pre_hook(draws)
-    handle = MajorityKernels(module, draws, int(k), scheme, init)
+    handle = MajorityKernels(module, draws, int(k), scheme, init, form)
     handle.coverage = coverage
     return handle
 
 
 def _parametrized(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, MajorityKernel, Tensor]]:
-    """(state-dict prefix, layer, parameter name, kernel, copies) for every majority kernel, once per
-    path to it (a shared module appears under each of its names, as in ``state_dict``)."""
+    """(state-dict prefix, layer, parameter name, kernel, stored tensor) for every majority kernel, once
+    per path to it (a shared module appears under each of its names, as in ``state_dict``)."""
     for name, layer in module.named_modules(remove_duplicate=False):
         if not parametrize.is_parametrized(layer):
             continue
@@ -361,11 +423,29 @@ def has_majority_kernels(module: nn.Module) -> bool:
     return next(_parametrized(module), None) is not None
 
 
+def _deployed(stored: Tensor, form: str) -> Tensor:
+    """The eval-mode kernel: the copies' mean, or ``mu`` (a new tensor either way, so that saving it
+    does not save the whole stored tensor)."""
+    return stored[0].clone() if form == "decoupled" else stored.mean(0)
+
+
+def _copies(stored: Tensor, form: str) -> Tensor:
+    """The ``[k, *S]`` copies the schemes combine: the stored tensor, or ``mu + delta_i - mean(delta)``."""
+    if form == "copies":
+        return stored
+    deltas = stored[1:]
+    return stored[0] + (deltas - deltas.mean(0))
+
+
 def kernel_copies(module: nn.Module) -> dict[str, Tensor]:
-    """Plain-model parameter name -> its ``[k, *S]`` copies, one entry per set of copies."""
+    """Plain-model parameter name -> its ``[k, *S]`` copies, one entry per set of copies: with
+    ``form="copies"`` the trainable tensor itself (with its ``.grad``), decoupled the copies
+    ``mu + delta_i - mean(delta)`` computed from it (detached)."""
     found: dict[int, tuple[str, Tensor]] = {}
-    for prefix, _, pname, _, copies in _parametrized(module):
-        found.setdefault(id(copies), (prefix + pname, copies))
+    for prefix, _, pname, kernel, stored in _parametrized(module):
+        if id(stored) not in found:
+            copies = stored if kernel.form == "copies" else _copies(stored.detach(), kernel.form)
+            found[id(stored)] = (prefix + pname, copies)
     return dict(found.values())
 
 
@@ -377,14 +457,15 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _kernels_in(state: Mapping[str, Any]) -> dict[str, str]:
-    """``<layer>.parametrizations.<name>.original`` -> ``<layer>.<name>`` for every majority kernel in a
-    state dict, found by its extra state."""
+def _kernels_in(state: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """``<layer>.parametrizations.<name>.original`` -> (``<layer>.<name>``, form) for every majority
+    kernel in a state dict, found by its extra state."""
     kernels = {}
     for key, value in state.items():
-        if key.endswith(_EXTRA) and _kernel_settings(value) is not None:
+        settings = _kernel_settings(value) if key.endswith(_EXTRA) else None
+        if settings is not None:
             layer, _, name = key[: -len(_EXTRA)].rpartition("parametrizations.")
-            kernels[key[: -len(_EXTRA)] + ".original"] = layer + name
+            kernels[key[: -len(_EXTRA)] + ".original"] = (layer + name, settings["form"])
     return kernels
 
 
@@ -399,8 +480,9 @@ def _storage(tensor: Tensor) -> tuple:
 
 
 def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, Any]:
-    """The state dict of the plain model: every set of copies replaced by its mean, under the plain
-    parameter's key; tied copies are averaged once and shared. ``source`` is the MK module (left
+    """The state dict of the plain model: every kernel replaced by its eval-mode value (the copies'
+    mean, or ``mu`` when decoupled), under the plain parameter's key; tied kernels are collapsed once
+    and shared. ``source`` is the MK module (left
     untouched: no deep copy) or its state dict, e.g. one a sharded strategy consolidated; sharded
     ``DTensor`` entries are gathered, so with FSDP2 every rank must call it."""
     state = _state_of(source)
@@ -418,28 +500,30 @@ def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[st
             if key not in kernels:
                 out[key] = value
                 continue
+            name, form = kernels[key]
             same = _storage(value)
             if same not in means:
-                means[same] = value.mean(0)
-            out[kernels[key]] = means[same]
+                means[same] = _deployed(value, form)
+            out[name] = means[same]
     return out
 
 
 def collapse(module: nn.Module) -> nn.Module:
-    """Replace every set of copies by its mean, in place, and return the plain ``module``.
+    """Replace every kernel's stored tensor by its eval-mode value (the copies' mean, or ``mu`` when
+    decoupled), in place, and return the plain ``module``.
 
     Each layer gets back an ordinary ``Parameter`` under its own name; tied layers get back one shared
     ``Parameter``, computed once. The ``Parameter`` objects are those that held the copies, resized.
     """
     found = list(_parametrized(module))
     targets = {(id(layer), pname): (layer, pname) for _, layer, pname, _, _ in found}
-    sets = {id(copies): copies for *_, copies in found}
+    sets = {id(stored): (stored, kernel.form) for *_, kernel, stored in found}
     for layer, pname in targets.values():
         parametrize.remove_parametrizations(layer, pname, leave_parametrized=False)
     with torch.no_grad():
-        for copies in sets.values():
-            copies.set_(copies.mean(0))
-            copies.grad = None
+        for stored, form in sets.values():
+            stored.set_(_deployed(stored, form))
+            stored.grad = None
     for key, hook in list(module._forward_pre_hooks.items()):
         if isinstance(hook, Draws):
             del module._forward_pre_hooks[key]
@@ -447,18 +531,18 @@ def collapse(module: nn.Module) -> nn.Module:
 
 
 def copy_spread(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, float]:
-    """Per set of copies: RMS distance of the copies from their mean, relative to the mean's RMS.
-    ``source`` is the MK module or its state dict (``DTensor`` entries are gathered, as in
-    :func:`collapsed_state_dict`)."""
+    """Per set of copies: RMS distance of the copies from the eval-mode kernel (their mean, which is
+    ``mu`` when decoupled), relative to that kernel's RMS. ``source`` is the MK module or its state
+    dict (``DTensor`` entries are gathered, as in :func:`collapsed_state_dict`)."""
     state = _state_of(source)
     spread, seen = {}, set()
     with torch.no_grad():
-        for key, name in _kernels_in(state).items():
-            copies = _full(state[key]).detach()
-            if _storage(copies) in seen:  # tied: the same copies under another key
+        for key, (name, form) in _kernels_in(state).items():
+            stored = _full(state[key]).detach()
+            if _storage(stored) in seen:  # tied: the same copies under another key
                 continue
-            seen.add(_storage(copies))
-            copies = copies.float()
+            seen.add(_storage(stored))
+            copies = _copies(stored.float(), form)
             mean = copies.mean(0)
             rms = (copies - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)
             spread[name] = rms.item()

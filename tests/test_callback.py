@@ -96,22 +96,24 @@ def test_layers_built_in_configure_model_get_copies(tmp_path):
     fresh.load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)
 
 
-def _fit_epochs(root, epochs, scheme, ckpt_path=None, init_seed=0):
+def _fit_epochs(root, epochs, scheme, ckpt_path=None, init_seed=0, form="copies"):
     os.makedirs(root, exist_ok=True)
     pl.seed_everything(init_seed)
     model = TinyModule()
-    cb = MajorityKernelCallback(k=3, scheme=scheme, seed=7, save_path=os.path.join(root, "small.pt"))
+    cb = MajorityKernelCallback(k=3, scheme=scheme, form=form, seed=7, save_path=os.path.join(root, "small.pt"))
     ckpt = ModelCheckpoint(dirpath=root, filename="last")
     t = trainer(root, max_epochs=epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
     t.fit(model, loader(), ckpt_path=ckpt_path)
     return model
 
 
-@pytest.mark.parametrize("scheme", ["select", "convex", "layer", "majority"])
-def test_resume_is_exact(tmp_path, scheme):
-    straight = _fit_epochs(str(tmp_path / "a"), 2, scheme)
-    _fit_epochs(str(tmp_path / "b"), 1, scheme)
-    resumed = _fit_epochs(str(tmp_path / "b"), 2, scheme, ckpt_path=str(tmp_path / "b" / "last.ckpt"), init_seed=1)
+@pytest.mark.parametrize(
+    "scheme, form", [(scheme, "copies") for scheme in ("select", "convex", "layer", "majority")] + [("select", "decoupled")]
+)
+def test_resume_is_exact(tmp_path, scheme, form):
+    straight = _fit_epochs(str(tmp_path / "a"), 2, scheme, form=form)
+    _fit_epochs(str(tmp_path / "b"), 1, scheme, form=form)
+    resumed = _fit_epochs(str(tmp_path / "b"), 2, scheme, ckpt_path=str(tmp_path / "b" / "last.ckpt"), init_seed=1, form=form)
     state = straight.state_dict()
     for key, value in resumed.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -138,9 +140,10 @@ def test_resume_with_another_k_or_scheme_names_both(tmp_path, change):
     [
         (dict(seed=8), "the checkpoint being resumed has seed=7, but this MajorityKernelCallback has seed=8"),
         (dict(init="independent"), "has init='replicate', but this MajorityKernelCallback has init='independent'"),
+        (dict(form="decoupled"), "form='copies', but this (model|MajorityKernelCallback) has .*form='decoupled'"),
     ],
 )
-def test_resume_with_another_seed_or_init_names_both(tmp_path, change, expected):
+def test_resume_with_another_seed_init_or_form_names_both(tmp_path, change, expected):
     root = str(tmp_path)
     _fit_epochs(root, 1, "select")
     options = dict(k=3, scheme="select", seed=7, save_path=tmp_path / "small.pt") | change
@@ -265,6 +268,7 @@ def test_applying_twice_fails_at_setup(tmp_path):
         (dict(k=3.0), "k must be an integer >= 2"),
         (dict(scheme="nope"), r"valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
         (dict(init="nope"), r"valid inits: \['replicate', 'independent'\]"),
+        (dict(form="nope"), r"unknown form 'nope'; valid forms: \['copies', 'decoupled'\]"),
         (dict(grad_scale="nope"), "valid: \\['none', 'k', 'matched'\\]"),
     ],
 )
@@ -349,7 +353,7 @@ def test_spread_is_logged(tmp_path):
 def test_callback_state_holds_the_settings_and_position(tmp_path):
     cb = MajorityKernelCallback(k=2, scheme="layer", save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=3, callbacks=[cb]).fit(TinyModule(), loader())
-    assert cb.state_dict() == {"k": 2, "scheme": "layer", "init": "replicate", "seed": 0, "step": 3}
+    assert cb.state_dict() == {"k": 2, "scheme": "layer", "init": "replicate", "form": "copies", "seed": 0, "step": 3}
 
 
 def test_an_mk_checkpoint_can_be_validated_in_a_new_process(tmp_path):

@@ -63,14 +63,15 @@ def train_a_little(model, x, steps=3):
         opt.step()
 
 
+@pytest.mark.parametrize("form", ["copies", "decoupled"])
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_collapse_is_exact_and_keeps_keys(name, scheme):
+def test_collapse_is_exact_and_keeps_keys(name, scheme, form):
     model, x = build(name)
     plain = copy.deepcopy(model)
     shapes = {k: v.shape for k, v in plain.state_dict().items()}
     n_params = sum(p.numel() for p in plain.parameters())
-    apply_majority_kernels(model, k=3, scheme=scheme, biases=True)
+    apply_majority_kernels(model, k=3, scheme=scheme, biases=True, form=form)
     assert kernel_copies(model), "no kernel was given copies"
     train_a_little(model, x)
     model.eval()
@@ -160,14 +161,15 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.mix(self.embed(tokens))))
 
 
+@pytest.mark.parametrize("form", ["copies", "decoupled"])
 @pytest.mark.parametrize("init", ["replicate", "independent"])
-def test_tied_weights_stay_tied(init):
+def test_tied_weights_stay_tied(init, form):
     torch.manual_seed(0)
     model = TiedLM()
     n_params = sum(p.numel() for p in model.parameters())
     keys = set(model.state_dict())
     x = torch.randint(0, 13, (4, 5))
-    apply_majority_kernels(model, k=3, init=init)
+    apply_majority_kernels(model, k=3, init=init, form=form)
     copies = kernel_copies(model)
     assert sorted(copies) == ["embed.weight", "mix.weight"]  # one set for the tied pair
     assert model.embed.parametrizations.weight.original is model.head.parametrizations.weight.original
@@ -320,6 +322,7 @@ def test_loading_a_state_with_other_k_or_scheme_names_both():
         (dict(k="4"), "k must be an integer >= 2"),
         (dict(scheme="dirichlet"), r"unknown scheme 'dirichlet'; valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
         (dict(init="zeros"), r"unknown init 'zeros'; valid inits: \['replicate', 'independent'\]"),
+        (dict(form="mean"), r"unknown form 'mean'; valid forms: \['copies', 'decoupled'\]"),
         (dict(grad_scale="auto"), r"unknown grad_scale 'auto'; valid: \['none', 'k', 'matched'\]"),
         (dict(grad_scale=-1.0), "grad_scale must be"),
         (dict(init_noise=-0.1), "init_noise must be a number >= 0"),
@@ -389,7 +392,8 @@ def test_raw_training_resumes_bit_for_bit_from_module_handle_and_optimizer_state
     torch.save(checkpoint, tmp_path / "ckpt.pt")
 
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert saved["mk"] == {"k": 3, "scheme": "convex", "init": "independent", "seed": 4, "rank": None, "step": 3, "noise": 0.5}
+    expected = {"k": 3, "scheme": "convex", "init": "independent", "form": "copies", "seed": 4, "rank": None}
+    assert saved["mk"] == expected | {"step": 3, "noise": 0.5}
     ends = {}
     for restore_handle in (True, False):
         resumed = _resumable_run(seed=1)  # other initial weights: everything must come from the files

@@ -90,6 +90,8 @@ def test_the_config_of_a_run_is_every_setting_but_the_seed(tmp_path):
     assert baseline != run_config(config(tmp_path, "method=baseline", "trainer.max_epochs=5"), uses_k=False)
     mk = [run_config(config(tmp_path, "method=mk", f"k={k}"), uses_k=True) for k in (2, 4)]
     assert mk[0]["k"] == 2 and mk[0] != mk[1]
+    labels = [config(tmp_path, "method=mk", f"method.callback.form={form}").method.label for form in ("copies", "decoupled")]
+    assert labels == ["mk (select, k=4, replicate, grad_scale=none)", "mk (select, k=4, replicate, grad_scale=none, decoupled)"]
     assert json.loads(json.dumps(baseline)) == baseline
 
 
@@ -161,6 +163,7 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
+        (["method=mk", "method.callback.form=tied"], r"'method.callback.form' is 'tied'; allowed: \['copies', 'decoupled'\]"),
     ],
 )
 def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):

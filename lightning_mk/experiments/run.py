@@ -36,6 +36,7 @@ from lightning_mk.experiments.distill import Distiller, Ensemble
 from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.report import is_number
 from lightning_mk.experiments.submodular import OBJECTIVES, prune_to_width
+from lightning_mk.kernels import FORMS
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,14 @@ def baseline_reg(run: Runner) -> tuple[pl.LightningModule, bool]:
     return model, True
 
 
-@method(uses_k=True)
+def _check_mk(cfg: DictConfig) -> None:
+    """The form picks the label (conf/method/mk.yaml), which is resolved before the callback could say what is wrong."""
+    form = cfg.method.callback.form
+    if form not in FORMS:
+        raise ConfigError(f"config key 'method.callback.form' is {form!r}; allowed: {list(FORMS)}")
+
+
+@method(uses_k=True, check=_check_mk)
 def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
     """Majority Kernels: the callback writes the small model's ``state_dict`` to the run's ``model.pt`` (one path
     for every rank), which loads strictly into a new model of the user's class at its own size."""
@@ -461,7 +469,16 @@ def _remove_hydra_files(output_dir: str) -> None:
             empty.rmdir()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://lightning_mk.conf", config_name="config")
+def _config_path() -> str:
+    """The wheel ships ``conf/`` as the package ``lightning_mk.conf``; run from a source checkout (where
+    ``python -m`` imports this file from the tree, whatever is installed) it is the checkout's top-level ``conf/``."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return str(checkout / "conf")
+    return "pkg://lightning_mk.conf"
+
+
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one job and return its validation accuracy (``val_acc``): the value a Hydra sweeper such as Optuna
     optimises, so test accuracy stays unseen while tuning."""

@@ -1,0 +1,219 @@
+"""form="decoupled": the stored tensor is [mu, delta_1..k]; mu trains at the plain model's pace and is deployed."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import TinyModule, loader, trainer
+from lightning_mk import SCHEMES, MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, copy_spread
+from lightning_mk import kernel_copies
+
+
+def _linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _stored(module, name="0"):
+    return module.get_submodule(name).parametrizations.weight.original
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("k", [2, 4])
+def test_every_scheme_is_unbiased_around_mu(scheme, k):
+    """Monte Carlo: the average sampled kernel converges to mu, not to mu + mean(delta)."""
+    model = apply_majority_kernels(nn.Linear(5, 3).double(), k=k, scheme=scheme, form="decoupled", step_on_forward=False)
+    stored = _stored(model.module, "")
+    with torch.no_grad():
+        stored[1:] = torch.randn(k, 3, 5, dtype=torch.float64) + 0.7  # deviations with a non-zero mean
+    draws = []
+    for step in range(10000):
+        model.step = step
+        draws.append(model.module.weight.detach())
+    draws = torch.stack(draws)
+    sem = draws.std(0) / len(draws) ** 0.5
+    assert ((draws.mean(0) - stored[0]).abs() <= 5 * sem + 1e-12).all()
+    model.module.eval()
+    assert torch.equal(model.module.weight, stored[0]), "eval mode is mu"
+
+
+@pytest.mark.parametrize("init_noise", [0.0, 0.1])
+def test_replicate_starts_mu_at_the_weight_and_independent_at_the_draws_mean(init_noise):
+    plain = _linear()
+    model = apply_majority_kernels(copy.deepcopy(plain), k=3, form="decoupled", init_noise=init_noise).module
+    stored = _stored(model)
+    assert stored.shape == (4, 8, 6)
+    assert torch.equal(stored[0], plain[0].weight)
+    assert torch.equal(stored[1:], torch.zeros(3, 8, 6)) == (init_noise == 0)
+    as_copies = apply_majority_kernels(copy.deepcopy(plain), k=3, init_noise=init_noise).module
+    torch.testing.assert_close(kernel_copies(model)["0.weight"], kernel_copies(as_copies)["0.weight"].detach())
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+
+    model = apply_majority_kernels(_linear(), k=3, init="independent", form="decoupled", seed=5).module
+    as_copies = apply_majority_kernels(_linear(), k=3, init="independent", seed=5).module
+    draws = kernel_copies(as_copies)["0.weight"].detach()
+    torch.testing.assert_close(_stored(model)[0].detach(), draws.mean(0))
+    torch.testing.assert_close(kernel_copies(model)["0.weight"], draws)
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("init_noise", [0.0, 0.3])
+def test_mu_gets_the_plain_models_gradient_and_grad_scale_only_the_deviations(scheme, init_noise):
+    """mu's gradient is exactly the plain model's at the sampled kernel (the weight itself when the
+    deviations are zero); grad_scale multiplies the deviations' gradients and leaves mu's alone."""
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    grads = {}
+    for grad_scale in ("none", "k"):
+        kernels = apply_majority_kernels(_linear(), k=4, scheme=scheme, form="decoupled", init_noise=init_noise,
+                                         grad_scale=grad_scale, step_on_forward=False)
+        model = kernels.module.train()
+        kernels.step = 3
+        plain = _linear()
+        with torch.no_grad():
+            for name in ("0", "2"):
+                plain.get_submodule(name).weight.copy_(model.get_submodule(name).weight)  # the sampled kernel
+        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        for name in ("0", "2"):
+            assert torch.equal(_stored(model, name).grad[0], plain.get_submodule(name).weight.grad), name
+        grads[grad_scale] = _stored(model, "0").grad
+    assert torch.equal(grads["k"][0], grads["none"][0])
+    torch.testing.assert_close(grads["k"][1:], 4 * grads["none"][1:])
+    assert grads["none"][1:].abs().sum() > 0
+    torch.testing.assert_close(grads["none"][1:].sum(0), torch.zeros(8, 6), atol=1e-6, rtol=0)  # (a_i - 1/k) G
+
+
+def _train(model, optimizer, batches, after_step=lambda: None):
+    model.train()
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        after_step()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("scheme", ["select", "layer"])
+@pytest.mark.parametrize("how", ["noise 0", "deviations reset"])
+def test_at_zero_deviation_it_is_exactly_plain_training(optimizer, scheme, how):
+    """20 steps with the deviations kept at zero (no noise, or reset after each step) train mu exactly as
+    plain training trains the weight, under SGD with momentum and weight decay and under Adam; the
+    copies form at zero noise does not under SGD (its mean gets 1/k of the gradient; Adam's
+    normalisation hides that scale when the copies are equal)."""
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    }[optimizer]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(20)]
+    plain = _linear()
+    _train(plain, make(plain.parameters()), batches)
+
+    ends = {}
+    for form in ("decoupled", "copies"):
+        kernels = apply_majority_kernels(_linear(), k=4, scheme=scheme, form=form)
+        stored = [_stored(kernels.module, name) for name in ("0", "2")]
+
+        def reset():
+            with torch.no_grad():
+                for s in stored:
+                    s[1:] = 0
+
+        if how == "noise 0":
+            kernels.draws.noise = 0.0
+        _train(kernels.module, make(kernels.module.parameters()), batches, reset if how == "deviations reset" else lambda: None)
+        ends[form] = kernels.collapsed_state_dict()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(ends["decoupled"][key], value, rtol=0, atol=1e-6)
+    if how == "noise 0" and optimizer == "sgd":
+        assert (ends["copies"]["0.weight"] - plain[0].weight).abs().max() > 1e-3
+
+
+def test_noise_level_lerps_between_mu_and_the_draw():
+    kernels = apply_majority_kernels(_linear(), k=4, scheme="convex", init="independent", form="decoupled",
+                                     step_on_forward=False)
+    model = kernels.module.train()
+    mu = _stored(model)[0]
+    kernels.step = 5
+    full = model[0].weight
+    assert not torch.allclose(full, mu)
+    kernels.draws.noise = 0.25
+    torch.testing.assert_close(model[0].weight, mu + 0.25 * (full - mu))
+    kernels.draws.noise = 0.0
+    assert torch.equal(model[0].weight, mu)
+
+
+def test_copies_and_spread_are_around_mu():
+    model = apply_majority_kernels(_linear(), k=2, form="decoupled", step_on_forward=False).module
+    with torch.no_grad():
+        _stored(model)[0] = 2.0
+        _stored(model)[1] = 5.0
+        _stored(model)[2] = 3.0  # mean(delta) 4: the copies are mu -+ 1
+    copies = kernel_copies(model)
+    assert copies["0.weight"].shape == (2, 8, 6) and copies["2.weight"].shape == (2, 3, 8)
+    assert torch.equal(copies["0.weight"], torch.stack([torch.full((8, 6), 3.0), torch.full((8, 6), 1.0)]))
+    assert copy_spread(model) == {"0.weight": pytest.approx(0.5), "2.weight": 0.0}
+    assert copy_spread(model.state_dict()) == copy_spread(model)
+
+
+def test_the_collapsed_state_is_mu_and_holds_no_deviations():
+    """torch.save writes a tensor's whole storage: a view of row 0 would save the deviations too."""
+    model = apply_majority_kernels(_linear(), k=3, form="decoupled", init_noise=0.1).module
+    small = collapsed_state_dict(model.state_dict())
+    assert torch.equal(small["0.weight"], _stored(model)[0])
+    assert small["0.weight"].untyped_storage().nbytes() == small["0.weight"].nbytes
+
+
+def _extra_state(module):
+    return module[0].parametrizations.weight[0].get_extra_state()
+
+
+def test_loading_a_state_of_the_other_form_names_both_and_an_old_state_reads_as_copies():
+    decoupled = apply_majority_kernels(_linear(), k=3, form="decoupled").module
+    copies = apply_majority_kernels(_linear(), k=3).module
+    with pytest.raises(ValueError, match=r"form='decoupled', but this model has k=3, scheme='select', form='copies'"):
+        copies.load_state_dict(decoupled.state_dict())
+    assert json.loads(bytes(_extra_state(decoupled).tolist())) == {"k": 3, "scheme": "select", "form": "decoupled"}
+
+    old = copies.state_dict()  # as saved before forms existed: no "form" in the kernels' settings
+    for key in [key for key in old if key.endswith("._extra_state")]:
+        old[key] = torch.frombuffer(bytearray(b'{"k": 3, "scheme": "select"}'), dtype=torch.uint8)
+    apply_majority_kernels(_linear(), k=3).module.load_state_dict(old)
+    assert set(collapsed_state_dict(old)) == set(_linear().state_dict())
+    with pytest.raises(ValueError, match=r"form='copies', but this model has .*form='decoupled'"):
+        apply_majority_kernels(_linear(), k=3, form="decoupled").module.load_state_dict(old)
+
+
+def test_handle_state_holds_the_form_and_refuses_another():
+    decoupled = apply_majority_kernels(_linear(), k=3, form="decoupled")
+    assert decoupled.state_dict()["form"] == "decoupled"
+    copies = apply_majority_kernels(_linear(), k=3)
+    with pytest.raises(ValueError, match="has form='decoupled', but this model has form='copies'; use the same form"):
+        copies.load_state_dict(decoupled.state_dict())
+    old = {key: value for key, value in copies.state_dict().items() if key != "form"} | {"step": 4}
+    copies.load_state_dict(old)  # saved before forms existed: copies
+    assert copies.step == 4
+    with pytest.raises(ValueError, match="has form='copies', but this model has form='decoupled'"):
+        decoupled.load_state_dict(old)
+
+
+def test_callback_trains_mu_and_saves_it_as_the_plain_model(tmp_path):
+    torch.manual_seed(0)
+    model = TinyModule()
+    before = copy.deepcopy(model.net[0].weight)
+    cb = MajorityKernelCallback(k=3, scheme="layer", form="decoupled", save_path=tmp_path / "small.pt")
+    t = trainer(tmp_path, max_epochs=2, callbacks=[cb])
+    t.fit(model, loader())
+    stored = model.net[0].parametrizations.weight.original
+    assert stored.shape == (4, 16, 8) and not torch.equal(stored[0], before)
+    assert cb.state_dict()["form"] == "decoupled" and t.callback_metrics["mk/spread"] > 0
+    small = TinyModule()
+    small.load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        assert torch.equal(small.eval()(x), model.eval()(x))

@@ -171,14 +171,15 @@ class MajorityKernelCallback(Callback):
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
         """Default ``save_path``, then check on rank zero that the file can be written, before training.
         Paths and URLs go through fsspec, as Lightning's checkpoints do (``s3://``, ``memory://``, ...)."""
-        if self.save_path is None:
+        default = self.save_path is None
+        if default:
             self.save_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt")
-            fs, path = url_to_fs(self.save_path)
-            fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if not trainer.is_global_zero:
-            return
         fs, path = url_to_fs(self.save_path)
         directory = posixpath.dirname(path)
+        if default:
+            fs.makedirs(directory, exist_ok=True)
+        if not trainer.is_global_zero:
+            return
         if fs.isdir(path):
             raise ValueError(f"save_path={self.save_path!r} is a directory; give a file path")
         if not _is_dir(fs, directory):  # object stores have no directories: any prefix not taken by a file

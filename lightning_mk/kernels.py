@@ -99,6 +99,9 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+_DEFAULTS = {"form": "copies"}  # settings a state saved before they existed had
+
+
 def _kernel_settings(value: Any) -> Optional[dict]:
     """``{"k", "scheme", "form"}`` from a majority kernel's extra state (a state saved before forms
     existed is ``"copies"``); None for any other value."""
@@ -110,7 +113,7 @@ def _kernel_settings(value: Any) -> Optional[dict]:
         return None
     if not (isinstance(settings, dict) and set(settings) in ({"k", "scheme"}, {"k", "scheme", "form"})):
         return None
-    return {"form": "copies"} | settings
+    return _DEFAULTS | settings
 
 
 class MajorityKernel(nn.Module):
@@ -135,26 +138,17 @@ class MajorityKernel(nn.Module):
         """Eager under ``torch.compile``: a traced draw would guard on the step counter (a recompile
         every step), a ``Generator`` cannot be made in a graph, and one traced frame shared by kernels
         of different shapes would recompile per shape."""
-        if self.form == "decoupled":
-            return self._decoupled(stored[0], stored[1:])
+        # decoupled: row 0 is mu, the rest deviations, combined around mu (mu's gradient stays unscaled)
+        mu, rows = (stored[0], stored[1:]) if self.form == "decoupled" else (None, stored)
         if not self.training:
-            return stored.mean(0)
-        copies = stored if self.grad_scale == 1.0 else _ScaleGrad.apply(stored, self.grad_scale)
-        kernel = self._scheme.combine(copies, self._generator(copies))
-        if self.draws.noise != 1.0:
-            kernel = torch.lerp(copies.mean(0), kernel, self.draws.noise)
-        return kernel
-
-    def _decoupled(self, mu: Tensor, deltas: Tensor) -> Tensor:
-        """``mu + combine(deltas) - mean(deltas)``: unbiased around ``mu`` for every scheme, and ``mu``'s
-        gradient is the sampled kernel's, unscaled."""
-        if not self.training:
-            return mu
+            return rows.mean(0) if mu is None else mu
         if self.grad_scale != 1.0:
-            deltas = _ScaleGrad.apply(deltas, self.grad_scale)
-        kernel = mu + (self._scheme.combine(deltas, self._generator(deltas)) - deltas.mean(0))
+            rows = _ScaleGrad.apply(rows, self.grad_scale)
+        kernel = self._scheme.combine(rows, self._generator(rows))
+        if mu is not None:  # mu + combine(deltas) - mean(deltas): unbiased around mu for every scheme
+            kernel = mu + (kernel - rows.mean(0))
         if self.draws.noise != 1.0:
-            kernel = torch.lerp(mu, kernel, self.draws.noise)
+            kernel = torch.lerp(rows.mean(0) if mu is None else mu, kernel, self.draws.noise)
         return kernel
 
     def _generator(self, like: Tensor) -> torch.Generator:
@@ -239,7 +233,6 @@ def _init_stored(copies: Tensor, weight: Tensor, init: str, form: str) -> Tensor
 
 
 _SETTINGS = ("k", "scheme", "init", "form", "seed")  # what a saved draw position is only valid with
-_DEFAULTS = {"form": "copies"}  # settings a state saved before they existed had
 
 
 def _refuse_other_settings(saved: Mapping[str, Any], current: Mapping[str, Any], source: str, target: str) -> None:

@@ -5,11 +5,16 @@
 For an MLP, a ResNet and a Transformer at batch 128 it measures, in one process and interleaved
 (round-robin over all variants, after warm-up), the median time of one full training step
 (forward, backward, optimizer step) of: the plain small model; the "k-copy floor" (the plain step
-plus an optimizer step over (k-1) x the kernel parameters, which any k-copy method must pay); MK
-for every scheme and k in {2, 4, 8}; the wide (k x n) model. Peak memory is measured per variant in
-a fresh subprocess (peak RSS of a few steps, minus the same process's RSS before the model is
-built). Then: collapse time of a ~50M-parameter model, and the inference latency of a collapsed
-model against the plain model (the same architecture, so the ratio should be 1.00).
+plus a fresh gradient of (k-1) x the kernel parameters and an optimizer step over them: what any
+method training k copies pays at least); MK for every scheme and k in {2, 4, 8}; the wide (k x n)
+model. Peak memory is measured per variant in a fresh subprocess (peak RSS of a few steps, minus
+the same process's RSS before the model is built). Then: collapse time of a ~50M-parameter model,
+and the inference latency of a collapsed model against the plain model (the same architecture, so
+the ratio should be 1.00), and of the MK model in eval mode (its mean is computed once and reused).
+
+``--compile``: plain, the floor and every scheme at k = 4, each eager and ``torch.compile(model,
+fullgraph=True)`` (inductor), interleaved. ``--profile MODEL VARIANT``: the top operators of 10 eager
+steps of one variant (torch.profiler), to see where its time goes.
 """
 
 from __future__ import annotations
@@ -60,10 +65,10 @@ class Variant:
         torch.manual_seed(0)
         self.name, self.model = name, model.train()
         params = list(model.parameters())
-        if extra_numel:  # the k-copy floor: an optimizer step over this many more parameters
-            extra = nn.Parameter(torch.zeros(extra_numel))
-            extra.grad = torch.randn(extra_numel) * 1e-3
-            params.append(extra)
+        self.extra = None
+        if extra_numel:  # the k-copy floor: a gradient of this many more parameters, and their optimizer step
+            self.extra = nn.Parameter(torch.zeros(extra_numel))
+            params.append(self.extra)
         self.optimizer = make_optimizer(params, optimizer)
         self.x = torch.randn(BATCH, *shape)
         self.y = torch.randint(0, 10, (BATCH,))
@@ -73,6 +78,8 @@ class Variant:
         for p in self.model.parameters():
             p.grad = None
         F.cross_entropy(self.model(self.x), self.y).backward()
+        if self.extra is not None:  # written afresh each step, as every copy's gradient is
+            self.extra.grad = torch.full_like(self.extra, 1e-3)
         self.optimizer.step()
 
 
@@ -138,17 +145,17 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4, scheme: str = "select") -> list[str]:
-    """Median step of plain and MK, eager and ``torch.compile``d (inductor), interleaved after warm-up.
-    The parametrization runs eagerly inside the compiled model (``MajorityKernel.forward`` is not traced)."""
+def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
+    """Median step of plain, the floor and every scheme at k, eager and ``torch.compile(fullgraph=True)``
+    (inductor; the optimizer step stays eager), interleaved after warm-up."""
     build, shape, n = MODELS[model_name]
-    torch.manual_seed(0)
-    plain = build(n)
+    wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES]
+    made = dict(variants(model_name, optimizer))
     runs = {}
-    for name, model in (("plain", copy.deepcopy(plain)), (f"mk {scheme} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=scheme).module)):
-        runs[f"{name}, eager"] = Variant(name, model, optimizer, shape)
-        compiled = Variant(name, model, optimizer, shape)
-        compiled.model = torch.compile(model)
+    for name in wanted:
+        runs[f"{name}, eager"] = made[name]()
+        compiled = made[name]()
+        compiled.model = torch.compile(compiled.model, fullgraph=True)
         runs[f"{name}, compiled"] = compiled
     for v in runs.values():
         for _ in range(3):  # compiles here
@@ -159,27 +166,52 @@ def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, 
                 start = time.perf_counter()
                 v.step()
                 v.times.append(time.perf_counter() - start)
-    base = statistics.median(runs["plain, eager"].times)
-    return [f"| {model_name} | {name} | {statistics.median(v.times) * 1000:.2f} | {statistics.median(v.times) / base:.2f} |" for name, v in runs.items()]
+    med = {name: statistics.median(v.times) for name, v in runs.items()}
+    rows = []
+    for name in wanted:
+        eager, compiled = med[f"{name}, eager"], med[f"{name}, compiled"]
+        rows.append(
+            f"| {model_name} | {name} | {eager * 1000:.2f} | {compiled * 1000:.2f} | {eager / med['plain, eager']:.2f} "
+            f"| {compiled / med['plain, compiled']:.2f} |"
+        )
+    return rows
+
+
+def profile(model_name: str, variant: str, optimizer: str, rows: int = 12) -> str:
+    """The top operators by self CPU time over 10 eager steps of one variant, after 5 warm-up steps."""
+    from torch.profiler import profile as torch_profile
+
+    v = dict(variants(model_name, optimizer))[variant]()
+    for _ in range(5):
+        v.step()
+    with torch_profile() as prof:
+        for _ in range(10):
+            v.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def collapse_and_latency(repeats: int = 30) -> list[str]:
+    """Collapse time of a ~50M-parameter MLP, and the inference latency (no autograd) of the plain model, the
+    MK model in eval mode (the mean, computed once and reused) and the collapsed model, interleaved."""
     torch.manual_seed(0)
     big = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
     n_params = sum(p.numel() for p in big.parameters())
     plain = copy.deepcopy(big).eval()
     apply_majority_kernels(big, k=4, init="independent")
+    mk = copy.deepcopy(big).eval()
     start = time.perf_counter()
     collapse(big)
     seconds = time.perf_counter() - start
     big.eval()
     x = torch.randn(64, 4096)
-    times = {"plain": [], "collapsed": []}
+    models = {"plain": plain, "MK, eval mode": mk, "collapsed": big}
+    times = {name: [] for name in models}
     with torch.no_grad():
         for _ in range(5):
-            plain(x), big(x)
+            for model in models.values():
+                model(x)
         for _ in range(repeats):  # interleaved
-            for name, model in (("plain", plain), ("collapsed", big)):
+            for name, model in models.items():
                 start = time.perf_counter()
                 model(x)
                 times[name].append(time.perf_counter() - start)
@@ -187,8 +219,9 @@ def collapse_and_latency(repeats: int = 30) -> list[str]:
     return [
         f"- collapse of a {n_params / 1e6:.1f}M-parameter MLP (3 x Linear(4096, 4096), k=4): {seconds:.3f} s "
         f"({seconds / (n_params / 1e7):.3f} s per 10M parameters)",
-        f"- inference latency, batch 64, median of {repeats} interleaved: plain {med['plain']:.2f} ms, collapsed "
-        f"{med['collapsed']:.2f} ms, ratio {med['collapsed'] / med['plain']:.2f}",
+        f"- inference latency, batch 64, no autograd, median of {repeats} interleaved: plain {med['plain']:.2f} ms, "
+        f"MK in eval mode {med['MK, eval mode']:.2f} ms (ratio {med['MK, eval mode'] / med['plain']:.2f}), collapsed "
+        f"{med['collapsed']:.2f} ms (ratio {med['collapsed'] / med['plain']:.2f})",
     ]
 
 
@@ -199,7 +232,9 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam-fused", choices=["adam", "adam-fused"])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
-    parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager")
+    parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager, k=4")
+    parser.add_argument("--latency", action="store_true", help="only the collapse and inference-latency part")
+    parser.add_argument("--profile", nargs=2, metavar=("MODEL", "VARIANT"), help='e.g. mlp "mk select k=4"')
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
 
@@ -212,11 +247,20 @@ def main() -> None:
         f"{args.steps} steps; optimizer {args.optimizer}.",
         "",
     ]
+    if args.profile:
+        return print(profile(*args.profile, args.optimizer))
+    if args.latency:
+        lines += ["## Collapse and inference", ""] + collapse_and_latency() + [""]
+        print("\n".join(lines[-3:]))
+        return _write(args, "latency", lines)
     if args.compile:
-        lines += ["| model | variant | step (ms) | / plain eager |", "|---|---|--:|--:|"]
+        lines += [
+            "| model | variant | eager (ms) | compiled (ms) | eager / plain eager | compiled / plain compiled |",
+            "|---|---|--:|--:|--:|--:|",
+        ]
         for model_name in args.models:
             lines += compiled_vs_eager(model_name, args.optimizer, args.steps, args.rounds)
-            print(lines[-4:], flush=True)
+            print("\n".join(lines[-len(SCHEMES) - 2 :]), flush=True)
         return _write(args, "compile", lines)
     for model_name in args.models:
         build, _, n = MODELS[model_name]

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_mk.atomic import write_atomically
 from lightning_mk.kernels import (
+    MajorityKernel,
     MajorityKernels,
     _check_options,
     _refuse_other_settings,
@@ -68,11 +69,14 @@ class MajorityKernelCallback(Callback):
         init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
         grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``);
             decoupled, it scales the deviations' gradients only.
+        noise: the level of each draw's deviation from the eval-mode kernel: a step trains
+            ``eval + noise * (draw - eval)`` (1: the scheme's draw, 0: the eval-mode kernel; any level >= 0
+            keeps the draw unbiased).
         seed: keys every draw together with the step and the kernel, identically on every rank. Resuming
             a fit needs the checkpoint's seed, init and form (refused otherwise, naming both values).
-        anneal_noise: shrink each draw's deviation from the eval-mode kernel linearly to zero over
-            training (``trainer.estimated_stepping_batches``), so the last steps train the model that is
-            evaluated and deployed.
+        anneal_noise: shrink the noise level linearly from ``noise`` to zero over training
+            (``trainer.estimated_stepping_batches``), so the last steps train the model that is evaluated
+            and deployed.
         per_rank_noise: each data-parallel rank draws its own coefficients (default: all ranks draw
             the same, so the ranks' gradients are of one sampled model).
         save_path: file for the plain ``state_dict``, a path or any URL Lightning's checkpoints take
@@ -95,6 +99,7 @@ class MajorityKernelCallback(Callback):
         biases: bool = False,
         init_noise: float = 0.0,
         grad_scale: Union[str, float] = "none",
+        noise: float = 1.0,
         seed: int = 0,
         anneal_noise: bool = False,
         per_rank_noise: bool = False,
@@ -102,7 +107,7 @@ class MajorityKernelCallback(Callback):
         collapse_module: bool = False,
         log_spread: bool = True,
     ) -> None:
-        _check_options(k, scheme, init, grad_scale, init_noise, form)
+        _check_options(k, scheme, init, grad_scale, init_noise, form, noise)
         if isinstance(include, str) or isinstance(exclude, str):
             raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
         if not include:
@@ -123,6 +128,7 @@ class MajorityKernelCallback(Callback):
         self.biases = biases
         self.init_noise = init_noise
         self.grad_scale = grad_scale
+        self.noise = float(noise)
         self.seed = int(seed)
         self.anneal_noise = anneal_noise
         self.per_rank_noise = per_rank_noise
@@ -217,10 +223,17 @@ class MajorityKernelCallback(Callback):
                 biases=self.biases,
                 init_noise=self.init_noise,
                 grad_scale=self.grad_scale,
+                noise=self.noise,
                 seed=self.seed,
                 rank=pl_module.global_rank if self.per_rank_noise else None,
                 step_on_forward=False,
             )
+        if isinstance(pl_module.trainer.strategy, FSDPStrategy):
+            # FSDP1 keeps the copies as views of a flat parameter whose gradient has the sharded size,
+            # which dynamo cannot trace (torch 2.13): draw eagerly there, a graph break per kernel
+            for module in pl_module.modules():
+                if isinstance(module, MajorityKernel):
+                    module.traceable = False
         self._module = weakref.ref(pl_module)
         self.kernels.step = self._step
         _report_coverage(self.kernels.coverage)
@@ -234,8 +247,10 @@ class MajorityKernelCallback(Callback):
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         self._step += 1
         self.kernels.step = self._step
-        if self.anneal_noise:  # by optimizer steps taken, so a resumed run continues the schedule
-            self.kernels.draws.noise = max(0.0, 1.0 - trainer.global_step / self._total_steps)
+        # set every step (the buffers may have been re-materialised since setup); annealed by optimizer steps
+        # taken, so a resumed run continues the schedule
+        anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
+        self.kernels.draws.noise = self.noise * anneal
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -11,9 +11,10 @@ rows 1..k deviations ``delta_i``, and the copies are ``mu + delta_i - mean(delta
 to one), but ``mu`` gets the plain model's gradient rather than 1/k of it, so the deployed kernel trains
 at the plain model's pace.
 
-Draws are keyed by ``(seed, step, kernel index)``, so every process of a data-parallel run samples
-the same coefficients with no communication, tied weights share one draw, and a re-run forward
-(activation checkpointing) sees the same kernel.
+Draws are pure tensor functions of ``(seed, step, kernel index)`` (:class:`~lightning_mk.schemes.Random`),
+so every process of a data-parallel run samples the same coefficients with no communication, tied
+weights share one draw, a re-run forward (activation checkpointing) sees the same kernel, and
+``torch.compile`` traces the draw into the model's graph (``fullgraph=True`` holds).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_mk.layers import _check_resettable, _choose, _coverage, _eligible, _layer_types
-from lightning_mk.schemes import get_scheme
+from lightning_mk.schemes import Random, get_scheme
 
 __all__ = [
     "MajorityKernel",
@@ -50,7 +51,7 @@ FORMS = ("copies", "decoupled")
 GRAD_SCALES = ("none", "k", "matched")
 
 
-_INIT_STEP, _NOISE_STEP = -1, -2  # draw steps are >= 0: these keys never collide with a training draw
+_INIT_STEP, _NOISE_STEP = -1, -2  # generator keys of the initial copies and their noise (at setup)
 
 
 def _key(*ints: int) -> int:
@@ -59,31 +60,64 @@ def _key(*ints: int) -> int:
     return hash(ints) & (2**63 - 1)
 
 
-class Draws:
+def _key32(*ints: int) -> int:
+    """A 32-bit draw key from integers, the same in every process."""
+    return _key(*ints) & 0xFFFFFFFF
+
+
+class Draws(nn.Module):
     """The seed, draw counter and noise level shared by all kernels of one model.
 
-    As a forward pre-hook on the root module it advances the counter once per training forward; the
-    Lightning callback instead sets ``step`` itself once per training batch. ``noise`` in [0, 1]
-    scales each draw's deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode
-    kernel itself: the mean, or ``mu`` when decoupled), which is how the callback anneals the noise.
-    ``rank`` (None: every process draws the same) gives each data-parallel process its own draws.
+    The counter and the noise level are 0-dim buffers (not saved in the module's state: the handle's
+    and the callback's ``state_dict`` hold them) that move with the module and are updated in place,
+    so a compiled forward reads them as inputs rather than guarding on their values. As a forward
+    pre-hook on the root module it advances the counter once per training forward; the Lightning
+    callback instead sets ``step`` itself once per training batch. ``noise`` (>= 0) scales each draw's
+    deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode kernel itself: the
+    mean, or ``mu`` when decoupled); the callback sets it every step (and anneals it). ``rank`` (None:
+    every process draws the same) gives each data-parallel process its own draws.
     """
 
-    def __init__(self, seed: int, rank: Optional[int] = None) -> None:
+    def __init__(self, seed: int, rank: Optional[int] = None, device: Optional[torch.device] = None) -> None:
+        super().__init__()
         self.seed = seed
-        self.step = 0
-        self.noise = 1.0
         self.rank = rank
+        self.register_buffer("counter", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("state", Random.state_of(self.counter), persistent=False)  # the kernels' Random state
+        self.register_buffer("level", torch.ones((), device=device), persistent=False)
+        self._noise = 1.0  # the level as given (the buffer holds it in the kernels' precision)
+        self.noisy = False  # level != 1: a Python flag, so the default level costs no lerp
+
+    @property
+    def step(self) -> int:
+        return int(self.counter)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        with torch.no_grad():
+            self.counter.fill_(int(value))
+            self.state.copy_(Random.state_of(self.counter))
+
+    @property
+    def noise(self) -> float:
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: float) -> None:
+        self._noise = float(value)
+        with torch.no_grad():
+            self.level.fill_(self._noise)
+        self.noisy = self.noisy or self._noise != 1.0
 
     def key(self, index: int) -> int:
-        """The generator seed of kernel ``index`` at the current step."""
-        if self.rank is None:
-            return _key(self.seed, self.step, index)
-        return _key(self.seed, self.step, index, self.rank)
+        """The draw key of kernel ``index`` (its draws at each step are keyed by this and the counter)."""
+        return _key32(self.seed, index) if self.rank is None else _key32(self.seed, index, self.rank)
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def forward(self, module: nn.Module, args: tuple) -> None:
         if module.training:
-            self.step += 1
+            with torch.no_grad():
+                self.counter.add_(1)
+                self.state.copy_(Random.state_of(self.counter))
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -132,27 +166,47 @@ class MajorityKernel(nn.Module):
         self.grad_scale = grad_scale
         self.form = form
         self._scheme = get_scheme(scheme)
+        self.key = draws.key(index)
+        self._cache: Optional[tuple] = None
+
+    traceable = True  # False: run eagerly under torch.compile (a graph break per kernel)
+
+    def forward(self, stored: Tensor) -> Tensor:
+        if not self.traceable:
+            return self._eager(stored)
+        return self._kernel(stored)
 
     @torch.compiler.disable
-    def forward(self, stored: Tensor) -> Tensor:
-        """Eager under ``torch.compile``: a traced draw would guard on the step counter (a recompile
-        every step), a ``Generator`` cannot be made in a graph, and one traced frame shared by kernels
-        of different shapes would recompile per shape."""
+    def _eager(self, stored: Tensor) -> Tensor:
+        return self._kernel(stored)
+
+    def _kernel(self, stored: Tensor) -> Tensor:
         # decoupled: row 0 is mu, the rest deviations, combined around mu (mu's gradient stays unscaled)
         mu, rows = (stored[0], stored[1:]) if self.form == "decoupled" else (None, stored)
         if not self.training:
-            return rows.mean(0) if mu is None else mu
+            return self._mean(rows) if mu is None else mu
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
-        kernel = self._scheme.combine(rows, self._generator(rows))
+        kernel = self._scheme.combine(rows, Random(self.key, self.draws.state))
         if mu is not None:  # mu + combine(deltas) - mean(deltas): unbiased around mu for every scheme
             kernel = mu + (kernel - rows.mean(0))
-        if self.draws.noise != 1.0:
-            kernel = torch.lerp(rows.mean(0) if mu is None else mu, kernel, self.draws.noise)
+        if self.draws.noisy:
+            kernel = torch.lerp(rows.mean(0) if mu is None else mu, kernel, self.draws.level.to(kernel.dtype))
         return kernel
 
-    def _generator(self, like: Tensor) -> torch.Generator:
-        return torch.Generator(like.device).manual_seed(self.draws.key(self.index))
+    def train(self, mode: bool = True) -> "MajorityKernel":
+        self._cache = None
+        return super().train(mode)
+
+    def _mean(self, copies: Tensor) -> Tensor:
+        """The copies' mean; without autograd (validation, inference) computed once per eval period and
+        change of the copies (an in-place update or a state load bumps their version counter)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return copies.mean(0)
+        stamp = (copies.data_ptr(), copies._version, copies.dtype, copies.device)
+        if self._cache is None or self._cache[0] != stamp:
+            self._cache = (stamp, copies.mean(0))
+        return self._cache[1]
 
     def get_extra_state(self) -> Tensor:
         """``k``, the scheme and the form, as JSON in a uint8 tensor: distributed checkpoints (FSDP's
@@ -177,7 +231,7 @@ class MajorityKernel(nn.Module):
 
 
 def _check_options(
-    k: int, scheme: str, init: str, grad_scale: Union[str, float], init_noise: float, form: str = "copies"
+    k: int, scheme: str, init: str, grad_scale: Union[str, float], init_noise: float, form: str = "copies", noise: float = 1.0
 ) -> float:
     """Validate the options shared by the callback and :func:`apply_majority_kernels`; return the
     gradient scale as a number."""
@@ -190,6 +244,8 @@ def _check_options(
         raise ValueError(f"unknown form {form!r}; valid forms: {list(FORMS)}")
     if isinstance(init_noise, bool) or not isinstance(init_noise, numbers.Real) or init_noise < 0:
         raise ValueError(f"init_noise must be a number >= 0, got {init_noise!r}")
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < float("inf"):
+        raise ValueError(f"noise must be a number >= 0 (1: the scheme's draw, 0: the eval-mode kernel), got {noise!r}")
     if isinstance(grad_scale, str):
         if grad_scale not in GRAD_SCALES:
             raise ValueError(f"unknown grad_scale {grad_scale!r}; valid: {list(GRAD_SCALES)} or a number > 0")
@@ -320,6 +376,7 @@ def apply_majority_kernels(
     biases: bool = False,
     init_noise: float = 0.0,
     grad_scale: Union[str, float] = "none",
+    noise: float = 1.0,
     seed: int = 0,
     rank: Optional[int] = None,
     step_on_forward: bool = True,
@@ -352,6 +409,11 @@ def apply_majority_kernels(
     moves one plain step per step), or a number. Decoupled, it multiplies the deviations' gradients
     only: ``mu`` always gets the plain gradient.
 
+    ``noise`` scales each draw's deviation from the eval-mode kernel: the kernel a training step uses is
+    ``eval + noise * (draw - eval)`` (1: the scheme's draw; 0: the eval-mode kernel itself; decoupled,
+    ``mu + noise * (combine(delta) - mean(delta))``), unbiased around the eval-mode kernel at any level.
+    The handle's ``draws.noise`` changes it during training (the callback's ``anneal_noise`` does).
+
     ``rank`` (e.g. the process's global rank) gives each data-parallel process its own draws
     ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.
 
@@ -359,7 +421,7 @@ def apply_majority_kernels(
     otherwise the caller advances the handle's ``step`` (the Lightning callback does, once per batch).
     Optimizers must be created after this call.
     """
-    scale = _check_options(k, scheme, init, grad_scale, init_noise, form)
+    scale = _check_options(k, scheme, init, grad_scale, init_noise, form, noise)
     if has_majority_kernels(module):
         raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
     eligible = _eligible(module, _layer_types(layer_types), biases)
@@ -385,7 +447,9 @@ def apply_majority_kernels(
         _check_resettable(layer for uses in users.values() for _, layer, _ in uses)
     coverage = _coverage(module, params)
 
-    draws = Draws(int(seed), None if rank is None else int(rank))
+    device = next((p.device for p in params.values()), None)
+    draws = Draws(int(seed), None if rank is None else int(rank), device)
+    draws.noise = noise
     for index, (pid, uses) in enumerate(users.items()):
         _, layer, pname = uses[0]
         copies = _init_copies(params[pid], layer, pname, k, init, init_noise, int(seed), index)
@@ -501,6 +565,14 @@ def collapsed_state_dict(source: Union[nn.Module, Mapping[str, Any]]) -> dict[st
     return out
 
 
+def _own_class(layer: nn.Module) -> None:
+    """Give a parametrized layer a class of its own. ``parametrize`` makes one class per layer, but a
+    ``copy.deepcopy`` of the model shares it, and removing a parametrization deletes the property from
+    the class: collapsing the original would break the copy."""
+    cls = type(layer)
+    layer.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+
+
 def collapse(module: nn.Module) -> nn.Module:
     """Replace every kernel's stored tensor by its eval-mode value (the copies' mean, or ``mu`` when
     decoupled), in place, and return the plain ``module``.
@@ -511,6 +583,8 @@ def collapse(module: nn.Module) -> nn.Module:
     found = list(_parametrized(module))
     targets = {(id(layer), pname): (layer, pname) for _, layer, pname, _, _ in found}
     sets = {id(stored): (stored, kernel.form) for *_, kernel, stored in found}
+    for layer in {id(layer): layer for layer, _ in targets.values()}.values():
+        _own_class(layer)
     for layer, pname in targets.values():
         parametrize.remove_parametrizations(layer, pname, leave_parametrized=False)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile]`: 2 CPU processes
 (gloo), Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise, `compile` trains
-``torch.compile(model)`` (backend aot_eager) and counts the frames dynamo compiled after each batch.
+``torch.compile(model, fullgraph=True)`` (backend aot_eager) and counts the graphs dynamo compiled after each batch.
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
 parameters, and how many times it wrote the small model.
@@ -37,8 +37,10 @@ class Recording(TinyModule):
         super().__init__()
         self.sampled = []
 
+    def on_before_backward(self, loss):
+        self.sampled.append(self.net[0].weight.detach().clone())  # this step's draw (train mode), read eagerly
+
     def training_step(self, batch, batch_idx):
-        self.sampled.append(self.net[0].weight.detach().clone())  # this step's draw (train mode)
         x, y = batch  # no self.log: under DDP Lightning compiles training_step, and dynamo cannot trace log()
         return F.cross_entropy(self(x), y)
 
@@ -50,7 +52,8 @@ class CountFrames(pl.Callback):
     def on_train_batch_end(self, *args):
         from torch._dynamo.utils import counters
 
-        self.frames.append(counters["frames"]["total"])  # frames compiled so far, recompilations included
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        self.frames.append(counters["stats"]["unique_graphs"])  # graphs compiled so far, recompilations included
 
 
 pl.seed_everything(0)
@@ -60,7 +63,7 @@ per_rank, compiled = "per_rank" in sys.argv[3:], "compile" in sys.argv[3:]
 cb = MajorityKernelCallback(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"))
 frames = CountFrames()
 trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb, frames])
-trainer.fit(torch.compile(model, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8))
+trainer.fit(torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8))
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames},

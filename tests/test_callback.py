@@ -291,6 +291,18 @@ def test_anneal_noise_goes_linearly_from_full_noise_to_the_mean(tmp_path):
     assert probe.noise == pytest.approx([1 - step / 8 for step in range(8)])  # 2 epochs x 4 batches
 
 
+def test_anneal_noise_starts_from_the_noise_option(tmp_path):
+    levels = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            levels.append(cb.kernels.draws.noise)
+
+    cb = MajorityKernelCallback(k=2, noise=0.5, anneal_noise=True, save_path=tmp_path / "small.pt")
+    trainer(tmp_path, max_epochs=1, callbacks=[cb, Probe()]).fit(TinyModule(), loader(n=64, batch_size=16))
+    assert levels == pytest.approx([0.5 * (1 - step / 4) for step in range(4)])
+
+
 def test_anneal_noise_needs_a_finite_run(tmp_path):
     model = TinyModule()
     with pytest.raises(ValueError, match="anneal_noise=True needs a finite training length"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_mk import SCHEMES, Scheme, apply_majority_kernels, collapse, collapsed_state_dict, copy_spread, kernel_copies
-from lightning_mk.schemes import get_scheme
+from lightning_mk.schemes import Random, get_scheme
 
 
 class Seq(nn.Module):
@@ -107,21 +107,45 @@ def test_train_mode_samples_and_eval_mode_is_the_mean():
     assert torch.equal(model.layer.weight, copies.mean(0))
 
 
+def randoms(n, key=1):
+    """The random sources of n consecutive steps of one kernel."""
+    for step in range(n):
+        yield Random(key, Random.state_of(torch.tensor(step)))
+
+
+def test_random_numbers_are_uniform_and_independent_across_steps_calls_and_keys():
+    def random(key, step):
+        return Random(key, Random.state_of(torch.tensor(step)))
+
+    counts = torch.bincount(random(3, 5).integers(8, (80000,), torch.device("cpu")), minlength=8)
+    chi2 = ((counts - 10000.0) ** 2 / 10000.0).sum().item()
+    assert chi2 < 24.3, f"chi-square {chi2:.1f} with 7 degrees of freedom (p = 0.001 at 24.3)"
+    n, cpu = 40000, torch.device("cpu")
+    u = []
+    for key in range(3):
+        for step in range(3):
+            source = random(key, step)
+            u += [source.uniform((n,), cpu) for _ in range(2)]
+    assert all(0 < x.min() and x.max() < 1 and abs(x.mean() - 0.5) < 0.01 for x in u)
+    corr = torch.corrcoef(torch.stack(u)) - torch.eye(len(u))
+    assert corr.abs().max() < 5 / n**0.5, "steps, keys and successive calls draw unrelated numbers"
+    assert torch.equal(random(2, 1).uniform((n,), cpu), u[-4]), "a step's first call repeats exactly"
+
+
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_scheme_is_unbiased(scheme, k):
     """Monte Carlo: the average sampled kernel converges to the mean of the copies."""
     torch.manual_seed(0)
     copies = torch.randn(k, 3, 5, dtype=torch.float64)
-    g = torch.Generator().manual_seed(1)
     n = 20000
-    draws = torch.stack([get_scheme(scheme).combine(copies, g) for _ in range(n)])
+    draws = torch.stack([get_scheme(scheme).combine(copies, random) for random in randoms(n)])
     mean = copies.mean(0)
     sem = draws.std(0) / n**0.5
     assert ((draws.mean(0) - mean).abs() <= 5 * sem + 1e-12).all()
     # the advertised second moment, E[sum a_i^2], is what a draw of one-hot copies gives
     eye = torch.eye(k, dtype=torch.float64).view(k, k, 1)
-    coeffs = torch.stack([get_scheme(scheme).combine(eye.expand(k, k, 200), g) for _ in range(200)])
+    coeffs = torch.stack([get_scheme(scheme).combine(eye.expand(k, k, 200), random) for random in randoms(200, key=9)])
     second = coeffs.pow(2).sum(1).mean().item()
     assert second == pytest.approx(get_scheme(scheme).second_moment(k), rel=0.05)
 
@@ -284,7 +308,7 @@ def test_raw_pytorch_draws_once_per_training_forward_and_collapse_removes_the_ho
 
 def test_user_scheme_via_registry():
     class First(Scheme):
-        def combine(self, copies, generator):
+        def combine(self, copies, random):
             return copies.mean(0)
 
         def second_moment(self, k):
@@ -326,6 +350,8 @@ def test_loading_a_state_with_other_k_or_scheme_names_both():
         (dict(grad_scale="auto"), r"unknown grad_scale 'auto'; valid: \['none', 'k', 'matched'\]"),
         (dict(grad_scale=-1.0), "grad_scale must be"),
         (dict(init_noise=-0.1), "init_noise must be a number >= 0"),
+        (dict(noise=-0.5), "noise must be a number >= 0"),
+        (dict(noise=float("nan")), "noise must be a number >= 0"),
         (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no eligible layer; eligible layers: \['0', '2'\]"),
         (dict(exclude=["head"]), r"exclude pattern 'head' matches no eligible layer; eligible layers: \['0', '2'\]"),
         (dict(exclude=["*"]), "leave no layer"),
@@ -429,3 +455,55 @@ def test_loading_handle_state_with_other_settings_names_both_values(change, mess
     assert other.step == 0, "a refused state leaves the draw position as it was"
     with pytest.raises(ValueError, match=r"lacks \['noise'\]"):
         saved.load_state_dict({key: value for key, value in saved.state_dict().items() if key != "noise"})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_eval_mean_is_computed_once_per_change_of_the_copies(fused):
+    model, x = build("Linear")
+    apply_majority_kernels(model, k=4, init="independent")
+    copies = kernel_copies(model)["layer.weight"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    model.eval()
+    with torch.no_grad():
+        first = model.layer.weight
+        assert model.layer.weight is first, "no-grad eval reuses the mean"
+    with torch.enable_grad():
+        assert model.layer.weight is not first, "with autograd the mean is a fresh graph node"
+    model.train()
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.layer.weight, copies.mean(0))  # the optimizer step is seen
+        assert not torch.equal(model.layer.weight, first)
+        copies.mul_(2)  # any in-place change of the copies is seen too
+        torch.testing.assert_close(model.layer.weight, copies.mean(0))
+
+
+@pytest.mark.parametrize("form", ["copies", "decoupled"])
+@pytest.mark.parametrize("scheme", ["select", "layer"])
+def test_noise_scales_the_draws_deviation_from_the_eval_kernel(form, scheme):
+    kernels = {}
+    for noise in (1.0, 0.3, 0.0):
+        model, x = build("Linear")
+        handle = apply_majority_kernels(model, k=4, scheme=scheme, form=form, init="independent", noise=noise, seed=2)
+        assert handle.state_dict()["noise"] == noise
+        model.eval()
+        deployed = model.layer.weight.detach().clone()
+        model.train()
+        model(x)  # step 1's draw
+        kernels[noise] = model.layer.weight.detach() - deployed
+    torch.testing.assert_close(kernels[0.3], 0.3 * kernels[1.0])
+    assert torch.equal(kernels[0.0], torch.zeros_like(kernels[0.0])), "noise 0 trains the eval-mode kernel itself"
+
+
+def test_collapsing_a_model_leaves_its_deep_copy_working():
+    model, x = build("Linear")
+    apply_majority_kernels(model, k=3, init="independent")
+    twin = copy.deepcopy(model).eval()
+    expected = twin(x)
+    collapse(model)
+    torch.testing.assert_close(twin(x), expected)
+    torch.testing.assert_close(model.eval()(x), expected)
+    collapse(twin)
+    torch.testing.assert_close(twin(x), expected)

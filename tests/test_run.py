@@ -19,7 +19,7 @@ from lightning_mk.experiments.run import METHODS, ConfigError, run, run_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
 EXAMPLES = os.path.join(ROOT, "examples")
-GROUPS = {group: sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml")) for group in ("data", "model", "method", "trainer", "optimizer", "logger", "experiment")}
+GROUPS = {group: sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml")) for group in ("data", "model", "method", "trainer", "optimizer", "scheduler", "logger", "experiment")}
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "logger=none"]
 USER_MODEL = [f"hydra.searchpath=[file://{EXAMPLES}/conf]", "model=tiny", "data=blobs"]
 
@@ -45,7 +45,7 @@ def test_every_group_composes(tmp_path, data, model, method):
     assert cfg.method.name == method and cfg.method.label
 
 
-@pytest.mark.parametrize("group", ["trainer", "optimizer", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["trainer", "optimizer", "scheduler", "logger", "experiment"])
 def test_every_option_of_the_other_groups_composes(tmp_path, group):
     for option in GROUPS[group]:
         cfg = config(tmp_path, f"{group}={option}")
@@ -80,6 +80,62 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method,
     fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)
     fresh.load_state_dict(state, strict=True)
     assert 0 <= result["test_acc"] <= 1 and result["train_time_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["baseline", "mk", "distill", "submodular"])
+def test_the_cnn_experiment_runs_and_its_saved_model_loads(tmp_path, method):
+    """experiment=mnist1d_cnn (a CNN without normalisation, SGD, cosine schedule), tiny: the scheduler reaches
+    every fit (distill's student, submodular's wide model and fine-tuning). Every method runs with model=cnn in
+    test_every_method_and_model_gives_a_deployable_small_model."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lightning_mk.experiments.run import load_model
+
+    cfg = config(tmp_path, "experiment=mnist1d_cnn", f"method={method}", "k=2", "data.module.num_samples=600", *TINY)
+    assert cfg.task == "mnist1d/cnn" and cfg.model.net.n == 32 and cfg.scheduler.T_max == 1
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.05, 0.9, 5e-4)
+    result = run(cfg)
+    assert result["deployable"] and 0 <= result["test_acc"] <= 1
+    assert result["config"]["scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what the app's Hydra writes, for load_model
+    model = load_model(tmp_path)
+    assert sum(p.numel() for p in model.parameters()) == result["params"] == small_params(cfg)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (tested,) = trainer.test(model, instantiate(cfg.data.module), verbose=False)
+    assert tested["test/acc"] == pytest.approx(result["test_acc"], abs=1e-6)
+
+
+def test_the_cosine_scheduler_steps_per_epoch_and_no_scheduler_is_the_default(tmp_path):
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    from lightning_mk.experiments.run import Runner
+
+    class EpochLRs(pl.Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    for overrides, expected in [((), [0.05, 0.05, 0.05]), (("scheduler=cosine",), [0.05, 0.0375, 0.0125])]:
+        cfg = config(tmp_path, "optimizer=sgd", *overrides, "data.module.num_samples=600", *TINY, "trainer.max_epochs=3")
+        data = instantiate(cfg.data.module)
+        data.setup("fit")
+        runner, lrs = Runner(cfg, data), EpochLRs()
+        trainer = runner.fit(runner.module(), callbacks=[lrs])
+        assert lrs.lrs == pytest.approx(expected), "cosine annealing over trainer.max_epochs, stepped per epoch"
+        if not overrides:
+            assert "scheduler" not in cfg and trainer.lr_scheduler_configs == [], "the default adds nothing"
+            continue
+        (scheduler,) = trainer.lr_scheduler_configs
+        assert type(scheduler.scheduler).__name__ == "CosineAnnealingLR" and scheduler.interval == "epoch"
+        assert scheduler.scheduler.T_max == 3
+    with pytest.raises(ValueError, match="a scheduler needs an optimizer"):  # a LightningModule net keeps its own
+        Classifier(Classifier(torch.nn.Linear(2, 2), 2), 2, scheduler=torch.optim.lr_scheduler.ConstantLR)
 
 
 def test_the_config_of_a_run_is_every_setting_but_the_seed(tmp_path):
@@ -183,6 +239,7 @@ def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):
         (["model.module._target_=custom_model.Missing"], "config key 'model.module._target_' is 'custom_model.Missing', which cannot be imported"),
         (["model.module._target_=custom_model.Blobs"], "config key 'model.module._target_' must name a LightningModule"),
         (["+model.net._target_=torch.nn.Linear"], "config key 'model' must have exactly one of 'net'"),
+        (["scheduler=cosine"], "config key 'scheduler' sets the learning-rate schedule of the built-in model.net"),
     ],
 )
 def test_bad_user_model_config_fails_before_anything_is_made(tmp_path, user_model, overrides, message):

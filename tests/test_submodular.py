@@ -1,19 +1,36 @@
-"""Submodular neuron selection: the two objectives, the refit, and pruning every model class to its width."""
+"""Submodular neuron selection: the two objectives, the refit, and pruning every model class to its width (whose
+``n`` is its hidden dimensions' width, as the CNN's test checks)."""
 
 import pytest
 import torch
+from torch import nn
 
-from lightning_mk.experiments.models import MLP, ResNet, Transformer
+from lightning_mk.experiments.models import CNN, MLP, ResNet, Transformer
 from lightning_mk.experiments.submodular import facility_location, least_squares_refit, prune_to_width, reconstruction
 
 MODELS = {
     "mlp": (lambda n: MLP((40,), 5, n=n), (40,)),
     "resnet-1d": (lambda n: ResNet((40,), 5, n=n, channels=8), (40,)),
     "resnet-2d": (lambda n: ResNet((1, 8, 8), 5, n=n, channels=8), (1, 8, 8)),
+    "cnn": (lambda n: CNN((40,), 5, n=n, channels=8), (40,)),
     "transformer-mha": (lambda n: Transformer((40,), 5, n=n, d_model=8, heads=2, attention="mha"), (40,)),
     "transformer-linear": (lambda n: Transformer((40,), 5, n=n, d_model=8, heads=2, attention="linear"), (40,)),
 }
 N, K = 4, 3
+
+
+@pytest.mark.parametrize("shape", [(40,), (1, 40)])
+def test_the_cnn_takes_a_signal_with_or_without_channels_and_n_is_its_hidden_width(shape):
+    n, k = 6, 3
+    model, wide = CNN(shape, 10, n=n), CNN(shape, 10, n=k * n)
+    assert model(torch.randn(5, *shape)).shape == (5, 10) and wide(torch.randn(5, *shape)).shape == (5, 10)
+    assert model.head.in_features == 32 * 10, "40 points, two stride-2 convolutions: 10 positions of 32 channels"
+    assert {type(m) for m in model.modules()} == {CNN, nn.Conv1d, nn.Linear, nn.Dropout}, "no normalisation layers"
+    for m, width in ((model, n), (wide, k * n)):
+        assert [h.name for h in m.hidden()] == ["conv1", "conv2"]
+        assert all(h.producer.out_channels == h.consumer.in_channels == width and h.norm is None for h in m.hidden())
+    with pytest.raises(ValueError, match=r"CNN is 1-D"):
+        CNN((1, 8, 8), 10)
 
 
 def build(name, n, seed):

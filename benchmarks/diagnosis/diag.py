@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as diag_data  # noqa: E402
 
 from lightning_mk.kernels import apply_majority_kernels, kernel_copies  # noqa: E402
-from lightning_mk.schemes import get_scheme  # noqa: E402
+from lightning_mk.schemes import Random, get_scheme  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -81,15 +81,15 @@ class Decoupled:
         layer.weight = w  # plain attribute, replaced before every forward
         layer.register_forward_pre_hook(self)
 
-    def deviation(self, layer, generator):
+    def deviation(self, layer, random):
         d = layer.delta - layer.delta.mean(0, keepdim=True)
-        return self.scheme.combine(d, generator)
+        return self.scheme.combine(d, random)
 
     def __call__(self, layer, args):
         if layer.training:
             self.step += 1
-            g = torch.Generator().manual_seed(hash((self.seed, self.step, self.index)) & (2**63 - 1))
-            layer.weight = layer.mu + self.deviation(layer, g)
+            key = hash((self.seed, self.index)) & 0xFFFFFFFF
+            layer.weight = layer.mu + self.deviation(layer, Random(key, Random.state_of(torch.tensor(self.step))))
         else:
             layer.weight = layer.mu.view_as(layer.mu)  # a Tensor, not the Parameter (which would register)
 
@@ -135,7 +135,6 @@ class View:
     def spread_and_noise(self, draws=4):
         if self.method == "plain":
             return 0.0, 0.0, 0.0
-        g = torch.Generator().manual_seed(12345)
         spreads, noise2, mean2 = [], 0.0, 0.0
         items = self.copies if self.method == "mk" else [m for m in self.layers]
         for it in items:
@@ -146,8 +145,8 @@ class View:
                 mean = it.mu.detach()
                 dev = it.delta.detach() - it.delta.detach().mean(0, keepdim=True)
             spreads.append((dev.pow(2).mean().sqrt() / mean.pow(2).mean().sqrt()).item())
-            for _ in range(draws):
-                noise2 += self.scheme.combine(dev, g).pow(2).sum().item() / draws
+            for step in range(draws):
+                noise2 += self.scheme.combine(dev, Random(12345, Random.state_of(torch.tensor(step)))).pow(2).sum().item() / draws
             mean2 += mean.pow(2).sum().item()
         return sum(spreads) / len(spreads), max(spreads), math.sqrt(noise2 / mean2)
 

@@ -7,9 +7,12 @@
 #
 # parts: lr overfit ablation (the MNIST-1D MLP, 3 seeds, tuned on test: exploratory), and one part per task,
 # every method, 5 seeds, tuned on validation: mnist1d_mlp mnist1d_mlp_large mnist1d_resnet mnist1d_transformer
-# digits_resnet; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task, and
+# digits_resnet mnist1d_cnn; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task, and
 # digits_ablation (after digits_resnet): the other schemes and init on a second task; transformer_ablation
-# (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme; resample: mk's final
+# runs on every task again, compared with the committed ones (after a change of the draws); decoupled:
+# form=decoupled with a tuned scheme and noise level on every task, against the committed rows;
+# decoupled_fixed: one fixed decoupled setting on every task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.experiments.run -m logger=none "$@"; }
@@ -50,10 +53,22 @@ compare() {
   python -m lightning_mk.experiments.report $d/final --out benchmarks/results/quality/$part
 }
 setting='${hydra:runtime.choices.optimizer} lr=${optimizer.lr}'
+# experiment|task name|plain's tuned lr|mk's tuned lr|extra overrides: the committed tuning's choices
+# (benchmarks/results/quality/<experiment>/tuning), for the parts that build on the committed study
+# ("tuned": read from the raw tuning runs of that part, which must have run in this checkout).
+# ONLY="exp1 exp2" limits resample, decoupled and decoupled_fixed to those experiments (and keeps the others' runs).
+TASKS=("mnist1d_mlp|mnist1d/mlp 100 ep, sgd|0.1|0.2|trainer.max_epochs=100 optimizer=sgd"
+       "mnist1d_mlp_large|mnist1d/mlp-50k, adam|0.01|0.01|" "mnist1d_resnet|mnist1d/resnet, adam|0.003|0.01|"
+       "mnist1d_transformer|mnist1d/transformer, adam|0.003|0.001|" "digits_resnet|digits/resnet, adam|0.01|0.003|"
+       "mnist1d_cnn|mnist1d/cnn, sgd|tuned|tuned|")
+wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
+tuned() {  # tuned EXPERIMENT METHOD VALUE: VALUE, or the lr the raw tuning of that experiment chose for METHOD
+  if [ "$3" = tuned ]; then best "runs/quality/$1/tune" "$2" --keys optimizer.lr | cut -d= -f2; else echo "$3"; fi
+}
 
 for part in "$@"; do
   d=runs/quality/$part
-  rm -rf "$d"
+  [ -n "${ONLY:-}" ] || rm -rf "$d"
   case $part in
     lr)  # learning rate tuned for baseline and mk on equal terms: the same grid for both, 3 seeds
       run hydra.sweep.dir=$d/adam experiment=mnist1d_mlp "task='mlp, ${setting}'" optimizer=adam optimizer.lr=3e-4,1e-3,3e-3 \
@@ -80,6 +95,8 @@ for part in "$@"; do
       ;;
     mnist1d_mlp)  # the overfitting regime (3,600 training samples, 100 epochs: plain training fits them all)
       compare $d "mnist1d/mlp 100 ep, sgd" 0.01,0.03,0.1,0.2 experiment=mnist1d_mlp trainer.max_epochs=100 optimizer=sgd; continue ;;
+    mnist1d_cnn)  # a CNN without normalisation, SGD + momentum, cosine schedule: where MK underfit most by hand
+      compare $d "mnist1d/cnn, sgd" 0.01,0.03,0.1,0.3 experiment=mnist1d_cnn; continue ;;
     mnist1d_mlp_large)  # the capacity-limited regime (50,000 training samples)
       compare $d "mnist1d/mlp-50k, adam" 3e-4,1e-3,3e-3,1e-2 experiment=mnist1d_mlp_large; continue ;;
     mnist1d_resnet)
@@ -122,6 +139,51 @@ for part in "$@"; do
         "method.label='mk (select, k=4, replicate, block MLPs only)'"
       run hydra.sweep.dir=$d/layer "${abl[@]}" method.callback.scheme=layer
       python -m lightning_mk.experiments.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
+      continue ;;
+    resample)  # mk's final runs again, after a change of the random generator: same tasks, seeds and the
+      # learning rates their committed tuning chose (benchmarks/results/quality/<task>/tuning)
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name _ mk_lr extra <<< "$t"
+        wanted "$exp" && [ "$mk_lr" != tuned ] || continue  # the study's tasks before the new generator
+        rm -rf "${d:?}/$exp"
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
+          seed=0,1,2,3,4 method=mk optimizer.lr=$mk_lr
+      done
+      python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part
+      continue ;;
+    decoupled)  # form=decoupled at plain's tuned learning rate (with zero noise it is plain training); scheme
+      # and noise level tuned on validation over 4 settings (plain's lr grid had 4), then 5 seeds; against the
+      # committed rows of each task
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name lr _ extra <<< "$t"
+        wanted "$exp" || continue
+        rm -rf "${d:?}/$exp"
+        lr=$(tuned "$exp" baseline "$lr")
+        dec=(experiment=$exp $extra method=mk method.callback.form=decoupled optimizer.lr=$lr)
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/tune "${dec[@]}" seed=100,101 method.callback.scheme=select,layer \
+          method.callback.noise=1.0,0.3 "task='$name tuning, \${method.callback.scheme} \${method.callback.noise}'"
+        chosen=$(best $d/$exp/tune mk --keys method.callback.scheme method.callback.noise)
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/final "${dec[@]}" "task='$name'" $chosen hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4 \
+          "method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
+      done
+      python benchmarks/quality/paired.py $d --runs final --against baseline --also baseline_reg wide mk \
+        --out benchmarks/results/quality/$part
+      continue ;;
+    decoupled_fixed)  # one fixed setting on every task (the one decoupled's tuning chose most often), 5 seeds
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name lr _ extra <<< "$t"
+        wanted "$exp" || continue
+        rm -rf "${d:?}/$exp"
+        lr=$(tuned "$exp" baseline "$lr")
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp experiment=$exp $extra method=mk method.callback.form=decoupled optimizer.lr=$lr \
+          method.callback.scheme=layer method.callback.noise=0.3 "task='$name'" hydra.sweep.subdir=s\${seed} \
+          seed=0,1,2,3,4 "method.label='mk (layer, k=4, decoupled, noise 0.3)'"
+      done
+      python benchmarks/quality/paired.py $d --against baseline --also baseline_reg wide mk --out benchmarks/results/quality/$part
       continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["MLP", "ResNet", "Transformer", "Hidden", "Classifier"]
+__all__ = ["MLP", "ResNet", "CNN", "Transformer", "Hidden", "Classifier"]
 
 
 class Hidden(NamedTuple):
@@ -94,6 +94,39 @@ class ResNet(nn.Module):
 
     def hidden(self) -> list[Hidden]:
         return [Hidden(f"blocks.{i}", b.conv1, b.norm1, b.conv2) for i, b in enumerate(self.blocks)]
+
+
+class CNN(nn.Module):
+    """A small 1-D convolutional network without normalisation layers, over signals (``in_shape = (length,)``
+    or ``(channels, length)``): conv(kernel 5) to ``n`` channels, conv(kernel 3, stride 2) to ``n``, conv(kernel 3,
+    stride 2) to ``channels``, each with ReLU, then a linear head on the flattened features.
+
+    ``n`` is the width of the two hidden dimensions between the convolutions. The last convolution's
+    ``channels`` stay as they are in the k-times-wider model (like the ResNet's): the linear head reads each of
+    them as one feature per position, a consumer the submodular selection does not handle."""
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, n: int = 32, channels: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        _check_width(n=n, channels=channels)
+        self.in_shape = tuple(in_shape) if len(in_shape) > 1 else (1, *in_shape)
+        if len(self.in_shape) != 2:
+            raise ValueError(f"CNN is 1-D: in_shape must be (length,) or (channels, length), got {tuple(in_shape)}")
+        in_channels, length = self.in_shape
+        self.conv1 = nn.Conv1d(in_channels, n, 5, padding=2)
+        self.conv2 = nn.Conv1d(n, n, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(n, channels, 3, stride=2, padding=1)
+        length = (length + 1) // 2  # each stride-2 convolution: ceil(length / 2)
+        length = (length + 1) // 2
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x.view(x.shape[0], *self.in_shape)))
+        h = F.relu(self.conv3(F.relu(self.conv2(h))))
+        return self.head(self.dropout(h.flatten(1)))
+
+    def hidden(self) -> list[Hidden]:
+        return [Hidden("conv1", self.conv1, None, self.conv2), Hidden("conv2", self.conv2, None, self.conv3)]
 
 
 class LinearAttention(nn.Module):
@@ -178,17 +211,21 @@ class Transformer(nn.Module):
 
 class Classifier(pl.LightningModule):
     """Cross-entropy training of ``net`` (any module whose forward gives logits); logs loss and accuracy for train,
-    val and test. Without ``optimizer``, a LightningModule ``net`` is optimised by its own ``configure_optimizers``."""
+    val and test. Without ``optimizer``, a LightningModule ``net`` is optimised by its own ``configure_optimizers``.
+    ``scheduler`` (optional) makes a learning-rate scheduler from the optimizer, stepped once per epoch."""
 
     def __init__(
         self,
         net: nn.Module,
         num_classes: int,
         optimizer: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None,
+        scheduler: Optional[Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]] = None,
     ) -> None:
         super().__init__()
+        if scheduler is not None and optimizer is None and isinstance(net, pl.LightningModule):
+            raise ValueError("a scheduler needs an optimizer: a LightningModule net without one keeps its own optimizers")
         self.net = net
-        self.optimizer = optimizer
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(num_classes) for s in ("train_", "val_", "test_")})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +255,11 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.optimizer is not None:
-            return self.optimizer(self.net.parameters())
-        if isinstance(self.net, pl.LightningModule):
+            optimizer = self.optimizer(self.net.parameters())
+        elif isinstance(self.net, pl.LightningModule):
             return self.net.configure_optimizers()  # a LightningModule as ``net`` keeps its own optimizers
-        return torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        else:
+            optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}

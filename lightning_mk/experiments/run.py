@@ -3,7 +3,8 @@
     python -m lightning_mk.experiments.run method=mk k=4 seed=0
     python -m lightning_mk.experiments.run -m method=mk k=2,4 seed=0,1 hydra.sweep.dir=multirun/k/mk   # a sweep
 
-The model is a built-in network (``model.net``, trained by :class:`Classifier` with the ``optimizer`` group) or
+The model is a built-in network (``model.net``, trained by :class:`Classifier` with the ``optimizer`` group and
+the optional ``scheduler`` group, a learning-rate schedule stepped per epoch) or
 any LightningModule (``model.module``, by ``_target_``, with its own loss and optimizers); the data any
 LightningDataModule (``data.module``). A run trains the method's deployable model, validates and tests it, saves
 its ``state_dict`` (``model.pt``) and writes one JSON line to ``results.jsonl`` in the run's folder, which
@@ -92,6 +93,11 @@ def check_config(cfg: DictConfig) -> Method:
         )
     if models == ["module"]:
         _check_module_target(cfg)
+        if cfg.get("scheduler") is not None:
+            raise ConfigError(
+                "config key 'scheduler' sets the learning-rate schedule of the built-in model.net; model.module brings "
+                "its own optimizers and schedulers (configure_optimizers): leave scheduler=none"
+            )
     key = _width_key(cfg)
     if key is not None:
         n = OmegaConf.select(cfg, key)
@@ -256,7 +262,10 @@ class Runner:
         if dropout is not None:
             options["dropout"] = dropout
         extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-        return Classifier(instantiate(cfg.model.net, **options), self.data.num_classes, instantiate(cfg.optimizer, **extra))
+        scheduler = None if cfg.get("scheduler") is None else instantiate(cfg.scheduler)
+        return Classifier(
+            instantiate(cfg.model.net, **options), self.data.num_classes, instantiate(cfg.optimizer, **extra), scheduler
+        )
 
     def fit(self, module: pl.LightningModule, log: bool = True, callbacks: Sequence[pl.Callback] = (), **trainer_options) -> pl.Trainer:
         """``log=False`` for auxiliary fits (teachers, the wide model before selection): the loggers

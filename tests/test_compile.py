@@ -1,0 +1,102 @@
+"""torch.compile(fullgraph=True) of models whose forward loops over blocks: the draw is traced into the
+graph (no break, no recompilation as the step advances) and the compiled run matches the eager one."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from lightning_mk import SCHEMES, apply_majority_kernels
+from lightning_mk.experiments.models import MLP, ResNet, Transformer
+
+MODELS = {
+    "mlp": (lambda: MLP((16,), 5, n=32, depth=3), (16,)),
+    "resnet": (lambda: ResNet((1, 16), 5, n=8, channels=8, blocks=2), (1, 16)),
+    "transformer": (lambda: Transformer((16,), 5, n=16, d_model=16, heads=2, layers=2, patch=4), (16,)),
+}
+
+
+def train(net, forward, shape, steps=20, anneal=False):
+    """Losses of ``steps`` SGD steps (train mode) and eval-mode outputs, and the graphs compiled after each."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    losses, outputs, graphs = [], [], []
+    for step in range(steps):
+        x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 5, (8,), generator=g)
+        if anneal:
+            net.draws.noise = 1 - step / steps
+        net.train()
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        net.eval()
+        with torch.no_grad():
+            outputs.append(forward(x))
+        losses.append(loss.item())
+        graphs.append(counters["stats"]["unique_graphs"])
+    return losses, outputs, graphs
+
+
+def compiled_and_eager(model, scheme, backend, form="copies", anneal=False):
+    build, shape = MODELS[model]
+    torch.manual_seed(0)
+    base = build()
+    runs = []
+    for compiled in (False, True):
+        net = copy.deepcopy(base)
+        net.draws = apply_majority_kernels(net, k=4, scheme=scheme, form=form, seed=1).draws
+        torch._dynamo.reset()
+        counters.clear()
+        forward = torch.compile(net, fullgraph=True, backend=backend) if compiled else net
+        runs.append(train(net, forward, shape, anneal=anneal))
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    return runs
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_fullgraph_traces_every_scheme_without_recompiling(model, scheme):
+    (eager, eager_out, _), (compiled, compiled_out, graphs) = compiled_and_eager(model, scheme, "aot_eager")
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
+    assert compiled == pytest.approx(eager, abs=1e-5), "the same draws as eager"
+    torch.testing.assert_close(compiled_out[-1], eager_out[-1])
+
+
+def test_fullgraph_decoupled_and_annealed_noise_without_recompiling():
+    (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", "select", "aot_eager", "decoupled", anneal=True)
+    assert graphs[2] > 0 and graphs[-1] == graphs[2], f"recompiled as the noise level changed: {graphs}"
+    assert compiled == pytest.approx(eager, abs=1e-5)
+
+
+def test_inductor_matches_eager_over_20_steps():
+    (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", "select", "inductor")
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
+    assert compiled == pytest.approx(eager, abs=1e-3)
+
+
+def test_lightning_fits_a_compiled_module_with_fullgraph(tmp_path):
+    from helpers import TinyModule, loader, trainer
+
+    from lightning_mk import MajorityKernelCallback
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    class Counting(TinyModule):
+        def training_step(self, batch, batch_idx):  # no self.log: Lightning compiles training_step too
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def on_train_batch_end(self, *args):
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    model = Counting()
+    callback = MajorityKernelCallback(k=4, save_path=str(tmp_path / "small.pt"))
+    trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(torch.compile(model, fullgraph=True, backend="aot_eager"), loader())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
+    TinyModule().load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True))

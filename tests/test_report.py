@@ -276,3 +276,13 @@ def test_no_delta_without_exactly_one_baseline_of_the_same_problem(tmp_path):
             "settings (baseline [optimizer.lr=0.01] differs in trainer.max_epochs; ") in md  # fmt: skip
     assert ("Note: no Δ for mk [trainer.max_epochs=20]: 2 baseline rows have its data.*, model.* and trainer.* "
             "settings (baseline [optimizer.lr=0.01], baseline [optimizer.lr=0.1]; they differ in optimizer.lr).") in md
+
+
+def test_an_experiments_reading_is_printed_under_its_table():
+    runs = [_run("mnist1d/mlp", label, method, None, seed, 0.8 + seed / 100, reading="MK helps here.")
+            for label, method in (("baseline", "baseline"), ("mk", "mk")) for seed in range(2)]
+    runs += [_run("mnist1d/cnn", "baseline", "baseline", None, seed, 0.9) for seed in range(2)]
+    markdown = to_markdown(summarize(runs))
+    mlp, cnn = markdown.split("## mnist1d/mlp")[1], markdown.split("## mnist1d/cnn")[1].split("## ")[0]
+    assert mlp.count("Reading: MK helps here.") == 1
+    assert "Reading" not in cnn

@@ -362,3 +362,16 @@ def test_load_model_rebuilds_a_saved_run(tmp_path, method):
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (tested,) = trainer.test(model, data, verbose=False)
     assert tested["test/acc"] == pytest.approx(result["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("experiment, lrs, regularised", [
+    ("findings_mlp", {"baseline": 0.1, "baseline_reg": 0.1, "mk": 0.2, "wide": 0.1, "submodular": 0.1}, (0.1, 1e-4)),
+    ("findings_cnn", {"baseline": 0.1, "baseline_reg": 0.1, "mk": 0.03, "wide": 0.1, "submodular": 0.1}, (0.3, 1e-3)),
+])
+def test_the_main_jobs_experiments_give_each_method_its_tuned_setting(tmp_path, experiment, lrs, regularised):
+    for method, lr in lrs.items():
+        cfg = config(tmp_path, f"experiment={experiment}", f"method={method}")
+        assert cfg.optimizer.lr == lr and cfg.reading, method
+    cfg = config(tmp_path, f"experiment={experiment}", "method=baseline_reg")
+    assert (cfg.method.dropout, cfg.method.weight_decay) == regularised
+    assert (config(tmp_path, "method=baseline_reg").method.dropout) == 0.1, "without a tuned map: the defaults"

@@ -178,6 +178,7 @@ def _row(runs: list[dict], metric: str, scale: float) -> dict:
         "params": _one([r["params"] for r in runs]),
         "deployable": all(r["deployable"] for r in runs),
         "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
+        "reading": _one([r.get("config", {}).get("reading") for r in runs]),
     }
 
 
@@ -305,6 +306,8 @@ def to_markdown(summary: dict[str, list[dict]]) -> str:
         out += [f"## {task}", "", "| " + " | ".join(_header(rows)) + " |", "|---|" + "--:|" * 6]
         out += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
         notes = _notes(rows)
+        readings = sorted({row["reading"] for row in rows if isinstance(row["reading"], str)})
+        notes += [f"Reading: {reading}" for reading in readings]  # an experiment's own summary (config key `reading`)
         out += ["", *notes, ""] if notes else [""]
     unit = next(iter(summary.values()))[0]["unit"] if summary else ""
     return "\n".join(out + [CI_NOTE.format(unit=", in percentage points" if unit == "%" else "")])

@@ -148,7 +148,6 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
 def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
     """Median step of plain, the floor and every scheme at k, eager and ``torch.compile(fullgraph=True)``
     (inductor; the optimizer step stays eager), interleaved after warm-up."""
-    build, shape, n = MODELS[model_name]
     wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES]
     made = dict(variants(model_name, optimizer))
     runs = {}

@@ -68,9 +68,11 @@ def _key32(*ints: int) -> int:
 class Draws(nn.Module):
     """The seed, draw counter and noise level shared by all kernels of one model.
 
-    The counter and the noise level are 0-dim buffers (not saved in the module's state: the handle's
-    and the callback's ``state_dict`` hold them) that move with the module and are updated in place,
-    so a compiled forward reads them as inputs rather than guarding on their values. As a forward
+    The counter, its hash (the ``state`` every kernel's :class:`~lightning_mk.schemes.Random` starts
+    from, computed once per step rather than once per kernel) and the noise level are 0-dim buffers (not
+    saved in the module's state: the handle's and the callback's ``state_dict`` hold them) that move with
+    the module and are updated in place, so a compiled forward reads them as inputs rather than guarding
+    on their values. As a forward
     pre-hook on the root module it advances the counter once per training forward; the Lightning
     callback instead sets ``step`` itself once per training batch. ``noise`` (>= 0) scales each draw's
     deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode kernel itself: the
@@ -96,6 +98,10 @@ class Draws(nn.Module):
     def step(self, value: int) -> None:
         with torch.no_grad():
             self.counter.fill_(int(value))
+        self._hash_counter()
+
+    def _hash_counter(self) -> None:
+        with torch.no_grad():
             self.state.copy_(Random.state_of(self.counter))
 
     @property
@@ -117,7 +123,7 @@ class Draws(nn.Module):
         if module.training:
             with torch.no_grad():
                 self.counter.add_(1)
-                self.state.copy_(Random.state_of(self.counter))
+            self._hash_counter()
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -23,12 +23,16 @@ from lightning_mk.experiments.report import _t_interval, load_results, write_run
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 
 
-def committed(task: str) -> dict[str, dict[int, dict]]:
-    """method (the first row's label per method and seed) -> seed -> committed row."""
-    rows: dict[str, dict[int, dict]] = defaultdict(dict)
+def committed(task: str, methods: list[str]) -> dict[str, dict[int, dict]]:
+    """method -> seed -> its committed row, for ``methods``; an error where a method has several rows for one
+    seed (several settings, e.g. submodular with and without fine-tuning): they must not be pooled."""
+    rows: dict[str, dict[int, dict]] = {method: {} for method in methods}
     with open(RESULTS / task / "runs.csv") as f:
         for r in csv.DictReader(f):
-            rows[r["method"]].setdefault(int(r["seed"]), r)
+            if r["method"] in rows:
+                if int(r["seed"]) in rows[r["method"]]:
+                    raise SystemExit(f"{task}: method {r['method']!r} has several committed rows for seed {r['seed']}")
+                rows[r["method"]][int(r["seed"])] = r
     return rows
 
 
@@ -51,12 +55,15 @@ def main() -> None:
     ]
     everything = []
     for task_dir in sorted(p for p in args.root.iterdir() if p.is_dir()):
-        old = committed(task_dir.name)
+        old = committed(task_dir.name, [args.against, *args.also])
         runs = load_results([task_dir / args.runs])
         everything += runs
         by_label = defaultdict(dict)
         for r in runs:
-            by_label[r["label"]][int(r["seed"])] = r
+            same = by_label[r["label"]]
+            if int(r["seed"]) in same or any(other["config"] != r["config"] for other in same.values()):
+                raise SystemExit(f"{task_dir}: runs labelled {r['label']!r} differ by more than the seed")
+            same[int(r["seed"])] = r
         for label, new in sorted(by_label.items()):
             seeds = sorted(set(new) & set(old[args.against]))
             test = np.array([new[s]["test_acc"] for s in sorted(new)]) * 100

@@ -68,3 +68,4 @@ torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames},
            os.path.join(out, f"rank{trainer.global_rank}.pt"))
+torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

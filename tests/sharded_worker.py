@@ -124,3 +124,5 @@ torch.save(
      "held": held, "spread": t.callback_metrics["mk/spread"].item(), "frames": model.frames},
     os.path.join(out, f"rank{t.global_rank}.pt"),
 )
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

@@ -258,6 +258,20 @@ def test_runs_of_different_settings_are_separate_rows_each_against_its_baseline(
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_that_load_another_seeds_model_are_one_row(tmp_path):
+    """Distillation from the other seeds' models: the checkpoint paths differ per seed, the setting does not."""
+    runs = [_run("t/m", "baseline", "baseline", None, seed, 0.80) for seed in range(3)]
+    runs += [_run("t/m", "distill", "distill", 4, seed, 0.82, **{"method.teacher_ckpt": [f"s{o}/model.pt" for o in range(3) if o != seed]})
+             for seed in range(3)]  # fmt: skip
+    runs += [_run("t/m", "distill", "distill", 4, seed, 0.70, **{"method.teacher_ckpt": None}) for seed in range(3)]
+    _write_jobs(tmp_path, runs)
+    rows = summarize(load_results(tmp_path))["t/m"]
+    assert [(r["name"], r["n"]) for r in rows] == [("baseline", 3), ("distill [method.teacher_ckpt=null]", 3),
+                                                   ("distill [method.teacher_ckpt=loaded]", 3)]  # fmt: skip
+    with pytest.raises(ValueError, match="duplicate runs of task 't/m', 'distill', seed 0"):  # another teacher, same seed
+        summarize(load_results(tmp_path) + [_run("t/m", "distill", "distill", 4, 0, 0.9, **{"method.teacher_ckpt": ["x.pt"]})])
+
+
 def test_no_delta_without_exactly_one_baseline_of_the_same_problem(tmp_path):
     runs = [_run("t/m", "baseline", "baseline", None, s, 0.8, **{"trainer.max_epochs": 20, "optimizer.lr": lr})
             for lr in (0.01, 0.1) for s in (0, 1)]  # fmt: skip

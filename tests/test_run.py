@@ -333,6 +333,19 @@ def test_the_command_line_is_quiet_and_run_log_holds_the_run(tmp_path):
     assert line.split(" - ", 1)[1] in log and "Tip" not in log
 
 
+@pytest.mark.distributed
+def test_a_ddp_job_is_written_once_and_exits_cleanly(tmp_path):
+    """Lightning's ``ddp`` relaunches the job for rank 1: both ranks train and evaluate, rank 0 alone writes the
+    model, the results line and the app's line; the process group is destroyed before the interpreter exits."""
+    out = tmp_path / "run"
+    done = _app("--config-dir", f"{EXAMPLES}/conf", "model=tiny", "data=blobs", "method=mk", "k=2", "trainer.max_epochs=1",
+                "trainer.devices=2", "+trainer.strategy=ddp", "logger=csv", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in (done.stdout + done.stderr).splitlines() if "[blobs/tiny] mk" in line and "val acc" in line]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert (out / "run.log").read_text().count("[blobs/tiny] mk") == 1
+
+
 def test_a_config_error_leaves_no_run_folder(tmp_path):
     done = _app(f"hydra.run.dir={tmp_path / 'run'}", "method=mk", "k=1", cwd=tmp_path)
     assert done.returncode != 0 and "config key 'k' must be an integer >= 2 for method=mk, got 1" in done.stderr

@@ -12,7 +12,7 @@
 # (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme; resample: mk's final
 # runs on every task again, compared with the committed ones (after a change of the draws); decoupled:
 # form=decoupled with a tuned scheme and noise level on every task, against the committed rows;
-# decoupled_fixed: one fixed decoupled setting on every task. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# decoupled_fixed: one fixed decoupled setting on every task; longer: plain, MK and decoupled at 4x the epochs. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.experiments.run -m logger=none "$@"; }
@@ -185,6 +185,28 @@ for part in "$@"; do
       done
       python benchmarks/quality/paired.py $d --against baseline --also baseline_reg wide mk --out benchmarks/results/quality/$part
       continue ;;
+    longer)  # 4x the epochs (learning-rate schedules stretched with them) for plain, MK (copies, its tuned lr) and
+      # decoupled (its chosen setting, after the decoupled part), the same learning rates, 5 seeds: do k copies
+      # need more steps? Rows at 4x against each other (report.md) and against the committed 1x rows (paired/)
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name lr mk_lr extra <<< "$t"
+        wanted "$exp" || continue
+        rm -rf "${d:?}/$exp"
+        lr=$(tuned "$exp" baseline "$lr") mk_lr=$(tuned "$exp" mk "$mk_lr")
+        # shellcheck disable=SC2086
+        epochs=$(python -m lightning_mk.experiments.run experiment=$exp $extra --cfg job -p trainer.max_epochs | tail -1)
+        chosen=$(best runs/quality/decoupled/$exp/tune mk --keys method.callback.scheme method.callback.noise)
+        long=(experiment=$exp $extra trainer.max_epochs=$((4 * epochs)) "task='$name, $((4 * epochs)) ep'"
+              hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4)
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/baseline "${long[@]}" method=baseline optimizer.lr=$lr
+        run hydra.sweep.dir=$d/$exp/mk "${long[@]}" method=mk optimizer.lr=$mk_lr
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/decoupled "${long[@]}" method=mk method.callback.form=decoupled optimizer.lr=$lr $chosen \
+          "method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
+      done
+      python benchmarks/quality/paired.py $d --against baseline --also mk --out benchmarks/results/quality/$part/paired
+      ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   report "$part"

@@ -121,11 +121,17 @@ def _one(values: list):
 
 
 _ABSENT = object()  # a config key that one run has and another lacks
+#: Config keys that name another run's saved model: usually the same seed's (an ensemble teacher: the other seeds'),
+#: so they differ from seed to seed like the seed itself. A row tells only whether one was loaded.
+CHECKPOINTS = ("method.teacher_ckpt", "method.wide_ckpt")
 
 
 def _settings(run: dict) -> dict:
-    """Everything that defines the run but its seed: its config, with the line's method and k should it lack them."""
-    return {"method.name": run["method"], "k": run["k"], **run["config"]}
+    """Everything that defines the run but its seed: its config, with the line's method and k should it lack them,
+    and :data:`CHECKPOINTS` as ``"loaded"`` where given."""
+    config = run["config"]
+    loaded = {key: "loaded" for key in CHECKPOINTS if config.get(key) is not None}
+    return {"method.name": run["method"], "k": run["k"], **config, **loaded}
 
 
 def _key(run: dict) -> tuple:

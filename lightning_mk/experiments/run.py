@@ -29,6 +29,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -439,18 +440,19 @@ def run(cfg: DictConfig) -> dict:
             "config": run_config(cfg, chosen.uses_k),
             "output_dir": os.path.abspath(cfg.output_dir),
         }
-        state = model.state_dict()
-        write_atomically(os.path.join(cfg.output_dir, "model.pt"), lambda f: torch.save(state, f))
-        line = (json.dumps(result) + "\n").encode()
-        write_atomically(os.path.join(cfg.output_dir, "results.jsonl"), lambda f: f.write(line))
-        for logger in runner.loggers:
+        if rank_zero_only.rank == 0:  # under DDP every rank runs this job; one writes it
+            state = model.state_dict()
+            write_atomically(os.path.join(cfg.output_dir, "model.pt"), lambda f: torch.save(state, f))
+            line = (json.dumps(result) + "\n").encode()
+            write_atomically(os.path.join(cfg.output_dir, "results.jsonl"), lambda f: f.write(line))
+            log.info(
+                f"[{result['task']}] {result['label']} seed={cfg.seed}: val acc {100 * result['val_acc']:.2f}%, test acc "
+                f"{100 * result['test_acc']:.2f}% ({result['params']:,} params, {result['train_time_s']:.1f} s training) "
+                f"-> {cfg.output_dir}"
+            )
+        for logger in runner.loggers:  # Lightning's loggers log on rank zero only
             logger.log_metrics({f"final/{key}": float(value) for key, value in result.items() if is_number(value)})
             logger.save()
-        log.info(
-            f"[{result['task']}] {result['label']} seed={cfg.seed}: val acc {100 * result['val_acc']:.2f}%, test acc "
-            f"{100 * result['test_acc']:.2f}% ({result['params']:,} params, {result['train_time_s']:.1f} s training) "
-            f"-> {cfg.output_dir}"
-        )
         return result
     finally:
         if any(isinstance(logger, WandbLogger) for logger in runner.loggers):
@@ -496,10 +498,13 @@ def main(cfg: DictConfig) -> float:
     logging.captureWarnings(True)  # into run.log as well as the console
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, once per Trainer
     try:
-        return run(cfg)["val_acc"]
+        val_acc = run(cfg)["val_acc"]
     except ConfigError:
         _remove_hydra_files(HydraConfig.get().runtime.output_dir)
         raise
+    if torch.distributed.is_initialized():  # a DDP job: gloo's threads left to interpreter exit can abort it
+        torch.distributed.destroy_process_group()
+    return val_acc
 
 
 if __name__ == "__main__":

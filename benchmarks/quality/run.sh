@@ -12,7 +12,9 @@
 # (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme; resample: mk's final
 # runs on every task again, compared with the committed ones (after a change of the draws); decoupled:
 # form=decoupled with a tuned scheme and noise level on every task, against the committed rows;
-# decoupled_fixed: one fixed decoupled setting on every task; longer: plain, MK and decoupled at 4x the epochs. Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
+# decoupled_fixed: one fixed decoupled setting on every task; longer: plain, MK and decoupled at 4x the epochs;
+# longer_decoupled: what avoids decoupled's collapse at 4x on the overfitting MLP; decoupled_wd: decoupled with
+# weight decay on every task (exploratory, untuned). Every run uses logger=none (the study does not need W&B) and the presets in conf/experiment/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { python -m lightning_mk.experiments.run -m logger=none "$@"; }
@@ -207,6 +209,46 @@ for part in "$@"; do
       done
       python benchmarks/quality/paired.py $d --against baseline --also mk --out benchmarks/results/quality/$part/paired
       ;;
+    longer_decoupled)  # after longer: the decoupled collapse on the overfitting MLP at 400 epochs, against a
+      # lower noise level and against weight decay (5 seeds each, the same lr; plain with weight decay beside it)
+      long=(experiment=mnist1d_mlp optimizer=sgd trainer.max_epochs=400 optimizer.lr=0.1 "task='mnist1d/mlp 100 ep, sgd, 400 ep'"
+            hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4)
+      dec=(method=mk method.callback.form=decoupled method.callback.scheme=select
+           "method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'")
+      run hydra.sweep.dir=$d/noise "${long[@]}" "${dec[@]}" method.callback.noise=0.3
+      run hydra.sweep.dir=$d/wd "${long[@]}" "${dec[@]}" optimizer.weight_decay=5e-4
+      run hydra.sweep.dir=$d/plain_wd "${long[@]}" method=baseline optimizer.weight_decay=5e-4 "method.label='baseline, wd 5e-4'"
+      # the same weight decay at the study's 100 epochs
+      short=(experiment=mnist1d_mlp optimizer=sgd trainer.max_epochs=100 optimizer.lr=0.1 "task='mnist1d/mlp 100 ep, sgd'"
+             hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4 optimizer.weight_decay=5e-4)
+      run hydra.sweep.dir=$d/100ep/mnist1d_mlp/wd "${short[@]}" "${dec[@]}"
+      run hydra.sweep.dir=$d/100ep/mnist1d_mlp/plain_wd "${short[@]}" method=baseline "method.label='baseline, wd 5e-4'"
+      t=runs/quality/longer/mnist1d_mlp  # against plain without weight decay, then against plain with it
+      python -m lightning_mk.experiments.report $t/baseline $t/mk $t/decoupled $d/noise $d/wd --out benchmarks/results/quality/$part
+      python -m lightning_mk.experiments.report $d/plain_wd $d/wd --out benchmarks/results/quality/$part/against_wd
+      python benchmarks/quality/paired.py $d/100ep --against baseline --also baseline_reg mk wide \
+        --out benchmarks/results/quality/$part/100ep  # against the committed rows of the task
+      python -m lightning_mk.experiments.report $d/100ep --out benchmarks/results/quality/$part/100ep/against_wd
+      continue ;;
+    decoupled_wd)  # exploratory, after longer_decoupled: decoupled (select, noise 1.0) with weight decay 5e-4 (the
+      # CNN preset's; untuned) at plain's lr on every task, and plain with the same weight decay; 5 seeds
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name lr _ extra <<< "$t"
+        wanted "$exp" || continue
+        rm -rf "${d:?}/$exp"
+        lr=$(tuned "$exp" baseline "$lr")
+        wd=(experiment=$exp $extra optimizer.lr=$lr optimizer.weight_decay=5e-4 "task='$name'" hydra.sweep.subdir=s\${seed}
+            seed=0,1,2,3,4)
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/decoupled "${wd[@]}" method=mk method.callback.form=decoupled method.callback.scheme=select \
+          "method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'"
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp/plain "${wd[@]}" method=baseline "method.label='baseline, wd \${optimizer.weight_decay}'"
+      done
+      python benchmarks/quality/paired.py $d --against baseline --also baseline_reg mk wide \
+        --out benchmarks/results/quality/$part/paired  # against the committed plain rows (no weight decay)
+      report "$part"  # each task: decoupled against plain with the same weight decay
+      continue ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
   report "$part"

@@ -1,4 +1,4 @@
-"""Tables from benchmarks/results/diagnosis/{runs,seeds}: python benchmarks/diagnosis/summarize.py > benchmarks/results/diagnosis/summary.md"""
+"""Tables from benchmarks/results/diagnosis/{runs,seeds,decay}: python benchmarks/diagnosis/summarize.py > benchmarks/results/diagnosis/summary.md"""
 import glob, json, os, statistics as st
 from collections import defaultdict
 
@@ -23,4 +23,15 @@ for task in ("cnn", "mlp50k"):
         v = g[m]
         ms = lambda k: f"{st.mean(x[k] for x in v):.1f} ± {st.stdev(x[k] for x in v):.1f}"
         print(f"| {m} (n={len(v)}) | {ms('test_acc')} | {ms('train_acc_mean')} | {ms('train_acc_sampled')} | {st.mean(x['spread'] for x in v):.3f} |")
+    print()
+print("## Which decay helps the decoupled prototype (overfitting MLP, seeds 0-2, mean ± std), final epoch\n")
+for task in ("mlp100", "mlp400"):
+    g = defaultdict(list)
+    for f in glob.glob(f"{R}/decay/{task}/*.json"):
+        g[os.path.basename(f).rsplit("_s", 1)[0]].append(json.load(open(f))["final"])
+    print(f"### {task}\n\n| method | test | train (mean, eval) | train (sampled) | spread | ||mean|| |\n|---|--:|--:|--:|--:|--:|")
+    for m in sorted(g):
+        v = g[m]
+        ms = lambda k: f"{st.mean(x[k] for x in v):.1f} ± {st.stdev(x[k] for x in v):.1f}"
+        print(f"| {m} (n={len(v)}) | {ms('test_acc')} | {ms('train_acc_mean')} | {ms('train_acc_sampled')} | {st.mean(x['spread'] for x in v):.3f} | {ms('mean_norm')} |")
     print()

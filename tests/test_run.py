@@ -138,6 +138,13 @@ def test_the_cosine_scheduler_steps_per_epoch_and_no_scheduler_is_the_default(tm
         Classifier(Classifier(torch.nn.Linear(2, 2), 2), 2, scheduler=torch.optim.lr_scheduler.ConstantLR)
 
 
+def test_an_experiment_overrides_the_primary_config(tmp_path):
+    """``_self_`` comes first in config.yaml's defaults: an experiment's own ``task`` wins over the default one."""
+    assert config(tmp_path).task == "mnist1d/mlp"
+    assert config(tmp_path, "experiment=mnist1d_mlp_large").task == "mnist1d/mlp-50k"
+    assert config(tmp_path, "experiment=mnist1d_mlp_large", "task=mine").task == "mine"
+
+
 def test_the_config_of_a_run_is_every_setting_but_the_seed(tmp_path):
     baseline = run_config(config(tmp_path, "method=baseline", "seed=0", "k=2"), uses_k=False)
     assert baseline == run_config(config(tmp_path / "other", "method=baseline", "seed=1", "k=4", "logger=csv", "trainer.enable_progress_bar=true"), uses_k=False)

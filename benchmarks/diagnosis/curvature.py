@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as diag_data  # noqa: E402
 
-from lightning_mk import apply_majority_kernels, collapse, kernel_copies  # noqa: E402
+from lightning_mk import apply_majority_kernels, collapse, copy_spread, kernel_copies  # noqa: E402
 from lightning_mk.experiments.models import MLP  # noqa: E402
 
 
@@ -65,7 +66,8 @@ def measure(plain: nn.Module, mk_model: nn.Module, mk, x, y, draws: int, probes:
     spreads = {name: (c - c.mean(0)).pow(2).mean(0).sqrt() for name, c in copies.items()}
     step = mk.step
     with torch.no_grad():
-        plain.eval(), mk_model.eval()
+        plain.eval()
+        mk_model.eval()
         result = {"plain": float(loss_of(plain, x, y)), "mean": float(loss_of(mk_model, x, y))}
         mk_model.train()
         sampled = []
@@ -76,8 +78,7 @@ def measure(plain: nn.Module, mk_model: nn.Module, mk, x, y, draws: int, probes:
     result["sampled"], result["sampled_se"] = mean_and_se(sampled)
     result["gap"] = result["sampled"] - result["mean"]
     result["penalty"], result["penalty_se"] = mean_and_se(penalty(mean_model, spreads, x, y, probes, torch.Generator().manual_seed(0)))
-    result["spread"] = sum(float(s.pow(2).mean().sqrt() / m.detach().pow(2).mean().sqrt())
-                           for (name, s), m in zip(spreads.items(), (dict(mean_model.named_parameters())[n] for n in spreads))) / len(spreads)
+    result["spread"] = statistics.mean(copy_spread(mk_model).values())
     return result
 
 

@@ -67,6 +67,16 @@ wanted() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 tuned() {  # tuned EXPERIMENT METHOD VALUE: VALUE, or the lr the raw tuning of that experiment chose for METHOD
   if [ "$3" = tuned ]; then best "runs/quality/$1/tune" "$2" --keys optimizer.lr | cut -d= -f2; else echo "$3"; fi
 }
+task() {  # task ENTRY: false if ONLY leaves the TASKS entry out; else set exp, name, lr (tuned resolved), mk_lr (as
+  # written) and extra from it, and clear the part's earlier runs of that experiment
+  IFS='|' read -r exp name lr mk_lr extra <<< "$1"
+  wanted "$exp" || return 1
+  rm -rf "${d:?}/$exp"
+  lr=$(tuned "$exp" baseline "$lr")
+}
+# labels of the decoupled runs (Hydra resolves the interpolations per run)
+dec_label="method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
+dec_wd_label="method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'"
 
 for part in "$@"; do
   d=runs/quality/$part
@@ -158,10 +168,7 @@ for part in "$@"; do
       # and noise level tuned on validation over 4 settings (plain's lr grid had 4), then 5 seeds; against the
       # committed rows of each task
       for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name lr _ extra <<< "$t"
-        wanted "$exp" || continue
-        rm -rf "${d:?}/$exp"
-        lr=$(tuned "$exp" baseline "$lr")
+        task "$t" || continue
         dec=(experiment=$exp $extra method=mk method.callback.form=decoupled optimizer.lr=$lr)
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp/tune "${dec[@]}" seed=100,101 method.callback.scheme=select,layer \
@@ -169,17 +176,14 @@ for part in "$@"; do
         chosen=$(best $d/$exp/tune mk --keys method.callback.scheme method.callback.noise)
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp/final "${dec[@]}" "task='$name'" $chosen hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4 \
-          "method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
+          "$dec_label"
       done
       python benchmarks/quality/paired.py $d --runs final --against baseline --also baseline_reg wide mk \
         --out benchmarks/results/quality/$part
       continue ;;
     decoupled_fixed)  # one fixed setting on every task (the one decoupled's tuning chose most often), 5 seeds
       for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name lr _ extra <<< "$t"
-        wanted "$exp" || continue
-        rm -rf "${d:?}/$exp"
-        lr=$(tuned "$exp" baseline "$lr")
+        task "$t" || continue
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp experiment=$exp $extra method=mk method.callback.form=decoupled optimizer.lr=$lr \
           method.callback.scheme=layer method.callback.noise=0.3 "task='$name'" hydra.sweep.subdir=s\${seed} \
@@ -191,10 +195,8 @@ for part in "$@"; do
       # decoupled (its chosen setting, after the decoupled part), the same learning rates, 5 seeds: do k copies
       # need more steps? Rows at 4x against each other (report.md) and against the committed 1x rows (paired/)
       for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name lr mk_lr extra <<< "$t"
-        wanted "$exp" || continue
-        rm -rf "${d:?}/$exp"
-        lr=$(tuned "$exp" baseline "$lr") mk_lr=$(tuned "$exp" mk "$mk_lr")
+        task "$t" || continue
+        mk_lr=$(tuned "$exp" mk "$mk_lr")
         # shellcheck disable=SC2086
         epochs=$(python -m lightning_mk.experiments.run experiment=$exp $extra --cfg job -p trainer.max_epochs | tail -1)
         chosen=$(best runs/quality/decoupled/$exp/tune mk --keys method.callback.scheme method.callback.noise)
@@ -205,7 +207,7 @@ for part in "$@"; do
         run hydra.sweep.dir=$d/$exp/mk "${long[@]}" method=mk optimizer.lr=$mk_lr
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp/decoupled "${long[@]}" method=mk method.callback.form=decoupled optimizer.lr=$lr $chosen \
-          "method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
+          "$dec_label"
       done
       python benchmarks/quality/paired.py $d --against baseline --also mk --out benchmarks/results/quality/$part/paired
       ;;
@@ -213,8 +215,7 @@ for part in "$@"; do
       # lower noise level and against weight decay (5 seeds each, the same lr; plain with weight decay beside it)
       long=(experiment=mnist1d_mlp optimizer=sgd trainer.max_epochs=400 optimizer.lr=0.1 "task='mnist1d/mlp 100 ep, sgd, 400 ep'"
             hydra.sweep.subdir=s\${seed} seed=0,1,2,3,4)
-      dec=(method=mk method.callback.form=decoupled method.callback.scheme=select
-           "method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'")
+      dec=(method=mk method.callback.form=decoupled method.callback.scheme=select "$dec_wd_label")
       run hydra.sweep.dir=$d/noise "${long[@]}" "${dec[@]}" method.callback.noise=0.3
       run hydra.sweep.dir=$d/wd "${long[@]}" "${dec[@]}" optimizer.weight_decay=5e-4
       run hydra.sweep.dir=$d/plain_wd "${long[@]}" method=baseline optimizer.weight_decay=5e-4 "method.label='baseline, wd 5e-4'"
@@ -233,15 +234,12 @@ for part in "$@"; do
     decoupled_wd)  # exploratory, after longer_decoupled: decoupled (select, noise 1.0) with weight decay 5e-4 (the
       # CNN preset's; untuned) at plain's lr on every task, and plain with the same weight decay; 5 seeds
       for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name lr _ extra <<< "$t"
-        wanted "$exp" || continue
-        rm -rf "${d:?}/$exp"
-        lr=$(tuned "$exp" baseline "$lr")
+        task "$t" || continue
         wd=(experiment=$exp $extra optimizer.lr=$lr optimizer.weight_decay=5e-4 "task='$name'" hydra.sweep.subdir=s\${seed}
             seed=0,1,2,3,4)
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp/decoupled "${wd[@]}" method=mk method.callback.form=decoupled method.callback.scheme=select \
-          "method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'"
+          "$dec_wd_label"
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp/plain "${wd[@]}" method=baseline "method.label='baseline, wd \${optimizer.weight_decay}'"
       done

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as diag_data  # noqa: E402
 
-from lightning_mk.kernels import apply_majority_kernels, kernel_copies  # noqa: E402
+from lightning_mk.kernels import _key32, apply_majority_kernels, kernel_copies  # noqa: E402
 from lightning_mk.schemes import Random, get_scheme  # noqa: E402
 
 torch.set_num_threads(1)
@@ -88,7 +88,7 @@ class Decoupled:
     def __call__(self, layer, args):
         if layer.training:
             self.step += 1
-            key = hash((self.seed, self.index)) & 0xFFFFFFFF
+            key = _key32(self.seed, self.index)  # as the library keys a kernel's draws
             layer.weight = layer.mu + self.deviation(layer, Random(key, Random.state_of(torch.tensor(self.step))))
         else:
             layer.weight = layer.mu.view_as(layer.mu)  # a Tensor, not the Parameter (which would register)
@@ -231,7 +231,7 @@ def main(argv=None):
     for epoch in range(1, a.epochs + 1):
         model.train()
         perm = torch.randperm(len(xtr), generator=g)
-        gsq, dsq, path, move_sq, nstep, lr_sum = 0.0, 0.0, 0.0, 0.0, 0, 0.0
+        gsq, dsq, path, move_sq, nstep = 0.0, 0.0, 0.0, 0.0, 0
         run_correct = 0
         for i in range(0, len(xtr), a.bs):
             idx = perm[i : i + a.bs]

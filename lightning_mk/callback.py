@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import posixpath
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -17,7 +18,9 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import _is_dir
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from typing_extensions import override
 
@@ -28,8 +31,10 @@ from lightning_mk.kernels import (
     _check_options,
     _refuse_other_settings,
     apply_majority_kernels,
+    collapse,
     collapsed_state_dict,
     copy_spread,
+    has_majority_kernels,
 )
 from lightning_mk.layers import Coverage, _layer_types
 
@@ -52,6 +57,12 @@ class MajorityKernelCallback(Callback):
     ``fit`` the plain model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads
     with ``strict=True`` into the user's unmodified LightningModule. Under FSDP and DeepSpeed the copies
     are sharded like any parameter and gathered into full tensors for that file.
+
+    Lightning checkpoints (single device and DDP) hold the plain model too: their ``state_dict`` is the
+    deployed one and any module among the hyperparameters is the plain module, so ``load_from_checkpoint``
+    without this callback gives the deployed model; the copies travel in this callback's state, from which
+    it restores them exactly when a fit resumes. One draw is made per optimizer step, so micro-batches
+    accumulated into one step share it (accumulating equals training with the larger batch).
 
     Args:
         k: copies per kernel (>= 2).
@@ -84,7 +95,7 @@ class MajorityKernelCallback(Callback):
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
-            under FSDP and DeepSpeed this gathers the copies once per epoch, as at the end.
+            under FSDP from each rank's own rows of the copies, under DeepSpeed one kernel at a time.
     """
 
     def __init__(
@@ -139,7 +150,8 @@ class MajorityKernelCallback(Callback):
         #: The handle of the module being trained: set when the module is rewritten, None once collapsed.
         self.kernels: Optional[MajorityKernels] = None
         self._fitting = True  # False in validate/test/predict, which read only the mean
-        self._step = 0
+        #: The file the current (or last) fit writes the small model to: ``save_path``, or its default.
+        self.small_model_path = self.save_path
         self._total_steps = 0  # optimizer steps in this fit, for anneal_noise
 
     @override
@@ -175,28 +187,28 @@ class MajorityKernelCallback(Callback):
         pl_module.configure_model = configure_model_then_apply
 
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
-        """Default ``save_path``, then check on rank zero that the file can be written, before training.
-        Paths and URLs go through fsspec, as Lightning's checkpoints do (``s3://``, ``memory://``, ...)."""
+        """This fit's file (``save_path``, or by default in this trainer's log directory), checked on rank zero
+        for writing before training. Paths and URLs go through fsspec, as Lightning's checkpoints do
+        (``s3://``, ``memory://``, ...)."""
         default = self.save_path is None
-        if default:
-            self.save_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt")
-        fs, path = url_to_fs(self.save_path)
+        self.small_model_path = os.path.join(trainer.log_dir or trainer.default_root_dir, "small_model.pt") if default else self.save_path
+        fs, path = url_to_fs(self.small_model_path)
         directory = posixpath.dirname(path)
         if default:
             fs.makedirs(directory, exist_ok=True)
         if not trainer.is_global_zero:
             return
         if fs.isdir(path):
-            raise ValueError(f"save_path={self.save_path!r} is a directory; give a file path")
+            raise ValueError(f"save_path={self.small_model_path!r} is a directory; give a file path")
         if not _is_dir(fs, directory):  # object stores have no directories: any prefix not taken by a file
-            raise ValueError(f"the directory of save_path={self.save_path!r} does not exist: create it first")
+            raise ValueError(f"the directory of save_path={self.small_model_path!r} does not exist: create it first")
         if not isinstance(fs, LocalFileSystem):  # a probe there would leave an object, or need the right to delete
             return
         try:  # os.access() says yes to root on read-only places; a real file says the truth
             with tempfile.TemporaryFile(dir=directory):
                 pass
         except OSError as e:
-            raise ValueError(f"cannot write to the directory of save_path={self.save_path!r}: {e}") from None
+            raise ValueError(f"cannot write to the directory of save_path={self.small_model_path!r}: {e}") from None
 
     def _owns(self, pl_module: "pl.LightningModule") -> bool:
         return self._module is not None and self._module() is pl_module
@@ -235,8 +247,9 @@ class MajorityKernelCallback(Callback):
                 if isinstance(module, MajorityKernel):
                     module.traceable = False
         self._module = weakref.ref(pl_module)
-        self.kernels.step = self._step
-        _report_coverage(self.kernels.coverage)
+        if isinstance(pl_module.trainer.strategy, SHARDED_STRATEGIES):
+            _refuse_pickled_modules(pl_module)
+        _report_coverage(self.kernels.coverage, pl_module.trainer)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -245,8 +258,8 @@ class MajorityKernelCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        self._step += 1
-        self.kernels.step = self._step
+        # one draw per optimizer step, numbered from 1; a resumed run continues from the restored global_step
+        self.kernels.step = trainer.global_step + 1
         # set every step (the buffers may have been re-materialised since setup); annealed by optimizer steps
         # taken, so a resumed run continues the schedule
         anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
@@ -255,8 +268,7 @@ class MajorityKernelCallback(Callback):
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.log_spread:
-            state = _full_state(trainer.strategy)
-            spread = trainer.strategy.broadcast(copy_spread(state) if trainer.is_global_zero else None)
+            spread = _copy_spread(trainer.strategy)
             metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
             metrics["mk/spread"] = sum(spread.values()) / len(spread)
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
@@ -266,10 +278,25 @@ class MajorityKernelCallback(Callback):
         state = _full_state(trainer.strategy)
         if trainer.is_global_zero:
             small = collapsed_state_dict(state)
-            write_atomically(self.save_path, lambda f: torch.save(small, f))
-            rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.save_path}")
+            diverged = [name for name, value in small.items() if _non_finite(value)]
+            if diverged:  # a diverged run does not overwrite a good file
+                rank_zero_warn(
+                    f"MajorityKernelCallback: the trained model has non-finite values in {', '.join(diverged)}; "
+                    f"it was NOT saved, {self.small_model_path} is left as it was"
+                )
+            else:
+                write_atomically(self.small_model_path, lambda f: torch.save(small, f))
+                rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.small_model_path}")
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
+            self.kernels.collapse()
+            self.kernels = None
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # ddp_spawn/ddp_fork: the main process loads this worker's state dict into its own, plain module with
+        # strict=False, which would drop the copies without a word: hand it the deployed model instead
+        if stage == "fit" and self.kernels is not None and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             self.kernels.collapse()
             self.kernels = None
 
@@ -279,21 +306,43 @@ class MajorityKernelCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        settings = {"k": self.k, "scheme": self.scheme, "init": self.init, "form": self.form, "seed": self.seed}
-        return settings | {"step": self._step}
+        return {"k": self.k, "scheme": self.scheme, "init": self.init, "form": self.form, "seed": self.seed}
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        """Make the checkpoint the plain model's, as ``ModelPruning`` makes its pruning permanent there: the
+        ``state_dict`` deployed, the copies moved to this callback's state (``kernels``), and every module among
+        the hyperparameters (a ``net`` passed to ``__init__`` and kept by ``save_hyperparameters``) a collapsed
+        copy, which pickles. Sharded checkpoints are written by the strategy and keep the copies in place."""
+        if self.kernels is None or isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            return
+        state = checkpoint["state_dict"]
+        small = collapsed_state_dict(state)
+        checkpoint["state_dict"] = small
+        checkpoint["callbacks"][self.state_key]["kernels"] = {key: value for key, value in state.items() if key not in small}
+        hparams = checkpoint.get(pl_module.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            for name, value in hparams.items():
+                if isinstance(value, nn.Module) and has_majority_kernels(value):
+                    hparams[name] = collapse(copy.deepcopy(value))
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the draw sequence. Training on needs the checkpoint's seed, init and form (its draws
-        continue that sequence); validate, test and predict use the eval-mode kernel only and take any.
-        k, scheme and form are checked earlier too, when the model's state is loaded
-        (``MajorityKernel.set_extra_state``)."""
+        """Restore the copies saved with the checkpoint (its ``state_dict`` loaded them as copies of the deployed
+        kernel). Training on needs the checkpoint's k, scheme, init, form and seed (the draws continue its
+        sequence, from the restored ``global_step``); validate, test and predict use the eval-mode kernel only
+        and take any, restoring the copies when k, scheme and form match."""
+        current = self.state_dict()
         if self._fitting:
-            current = self.state_dict()
             _refuse_other_settings(state_dict, current, "the checkpoint being resumed", "this MajorityKernelCallback")
-        self._step = state_dict["step"]
-        if self.kernels is not None:
-            self.kernels.step = self._step
+        same = all(state_dict.get(name) == current[name] for name in ("k", "scheme", "form"))
+        if "kernels" in state_dict and self.kernels is not None and same:
+            loaded = self.kernels.module.load_state_dict(state_dict["kernels"], strict=False)
+            if loaded.unexpected_keys:
+                raise ValueError(
+                    f"the checkpoint's majority kernels {loaded.unexpected_keys} are not in this model: resume with "
+                    "the include, exclude, layer_types and biases it was trained with"
+                )
 
 
 def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
@@ -304,6 +353,19 @@ def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManag
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def _copy_spread(strategy: Strategy) -> dict[str, float]:
+    """:func:`copy_spread` of the MK model, the same on every rank (a collective), never gathered whole: under
+    FSDP from each rank's rows of the copies (its sharded state dict), under ZeRO-3 one kernel gathered at a
+    time, from its fp32 master as at the end; elsewhere every rank holds the copies."""
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return copy_spread(get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=False)))
+    if isinstance(strategy, DeepSpeedStrategy):
+        return copy_spread(strategy.lightning_module.state_dict(keep_vars=True), whole=_deepspeed_master)
+    return copy_spread(strategy.lightning_module)
 
 
 def _full_state(strategy: Strategy) -> dict[str, Any]:
@@ -328,31 +390,58 @@ def _deepspeed_masters(strategy: DeepSpeedStrategy, state: dict[str, Any]) -> di
     into 16-bit copies of the masters, which live, sharded, in DeepSpeed's optimizer; so the small model
     is collapsed from the masters, in fp32 as with the other strategies (in the module's dtype under a "-true"
     precision). A parameter the optimizer does not hold (frozen) is read from the module."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
     true_precision = strategy.precision_plugin.precision.endswith("-true")
     whole: dict[int, Optional[torch.Tensor]] = {}  # by parameter: tied copies are read once and stay one tensor
     for key, value in state.items():
         if not isinstance(value, torch.nn.Parameter):
             continue
         if id(value) not in whole:
-            master = safe_get_full_fp32_param(value) if value.requires_grad else None
-            with _gathered([value] if master is None else []):
-                source = value.detach() if master is None else master
+            with _deepspeed_master(value) as source:
                 dtype = value.dtype if true_precision else torch.float32
                 whole[id(value)] = source.to("cpu", dtype, copy=True) if strategy.is_global_zero else None
         state[key] = whole[id(value)]
     return state if strategy.is_global_zero else {}
 
 
+@contextlib.contextmanager
+def _deepspeed_master(param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Inside, one parameter whole on every rank (a collective): DeepSpeed's fp32 master of it, or, for a
+    parameter its optimizer does not hold (frozen), the module's own, gathered under ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param) if param.requires_grad else None
+    with _gathered([param] if master is None else []):
+        yield param.detach() if master is None else master
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+
+
+def _refuse_pickled_modules(pl_module: "pl.LightningModule") -> None:
+    """A module among the hyperparameters is pickled into every checkpoint, which a module with majority kernels
+    cannot be; single-device and DDP checkpoints pickle a collapsed copy, sharded ones cannot make one."""
+    held = [name for name, value in pl_module.hparams.items() if isinstance(value, nn.Module) and has_majority_kernels(value)]
+    if held:
+        raise ValueError(
+            f"the hyperparameters hold the module(s) {held}, which Lightning pickles into every checkpoint; under "
+            f"{type(pl_module.trainer.strategy).__name__} a module with majority kernels cannot be pickled: call "
+            f"self.save_hyperparameters(ignore={held}) in the LightningModule's __init__"
+        )
+
+
 def _unpatch(pl_module: "pl.LightningModule") -> None:
     pl_module.__dict__.pop("configure_model", None)
 
 
-def _report_coverage(coverage: Coverage) -> None:
-    """Log what got copies; warn when layers of unregistered types hold over 10% of the parameters,
-    so a model built from other libraries' layers is not trained mostly single without a word."""
+def _report_coverage(coverage: Coverage, trainer: "pl.Trainer") -> None:
+    """Log what got copies, to the console and the trainer's loggers (with the run's hyperparameters); warn when
+    layers of unregistered types hold over 10% of the parameters, so a model built from other libraries'
+    layers is not trained mostly single without a word."""
     rank_zero_info(f"MajorityKernelCallback: {coverage}")
+    summary = {"mk/coverage": coverage.share, "mk/kernels": coverage.kernels, "mk/deployed_parameters": coverage.total}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(summary)
     if coverage.unregistered_share > 0.1:
         kinds = sorted(coverage.unregistered.items(), key=lambda item: -item[1])
         named = ", ".join(f"{kind.__module__}.{kind.__qualname__} ({n / coverage.total:.1%})" for kind, n in kinds)

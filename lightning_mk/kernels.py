@@ -19,10 +19,11 @@ weights share one draw, a re-run forward (activation checkpointing) sees the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Optional, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -51,13 +52,26 @@ FORMS = ("copies", "decoupled")
 GRAD_SCALES = ("none", "k", "matched")
 
 
-_INIT_STEP, _NOISE_STEP = -1, -2  # generator keys of the initial copies and their noise (at setup)
+# Generator keys of the initial copies and of their noise (at setup): negative, so disjoint from every
+# draw key (seeds and kernel indices are >= 0); -2 keeps earlier versions' independent initial copies.
+_INIT_STEP, _NOISE_STEP = -2, -3
+
+_M64 = 2**64 - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261  # xxHash64's primes
 
 
 def _key(*ints: int) -> int:
-    """A generator seed from integers only: the same in every process (``hash`` of a ``str`` is
-    salted per process, of a tuple of ints it is not)."""
-    return hash(ints) & (2**63 - 1)
+    """A 63-bit generator seed from integers, the same in every process and for every value: the mixing
+    of CPython's tuple hash (xxHash64's round) written out, each integer its own 64-bit lane. ``hash``
+    itself maps an int to a lane with ``hash(-1) == hash(-2)``; for integers in ``[0, 2**61 - 1)`` the
+    lanes, and so the keys of earlier versions' draws, are the same."""
+    acc = _P5
+    for value in ints:
+        acc = (acc + (value & _M64) * _P2) & _M64
+        acc = ((acc << 31) | (acc >> 33)) & _M64
+        acc = (acc * _P1) & _M64
+    acc = (acc + (len(ints) ^ (_P5 ^ 3527539))) & _M64
+    return (1546275796 if acc == _M64 else acc) & (2**63 - 1)
 
 
 def _key32(*ints: int) -> int:
@@ -119,6 +133,7 @@ class Draws(nn.Module):
         """The draw key of kernel ``index`` (its draws at each step are keyed by this and the counter)."""
         return _key32(self.seed, index) if self.rank is None else _key32(self.seed, index, self.rank)
 
+    @torch.compiler.disable  # eager, outside the model's graph: a compiled training forward is one graph
     def forward(self, module: nn.Module, args: tuple) -> None:
         if module.training:
             with torch.no_grad():
@@ -294,6 +309,25 @@ def _init_stored(copies: Tensor, weight: Tensor, init: str, form: str) -> Tensor
     return torch.cat([mu.unsqueeze(0), copies - mu])
 
 
+class _LoadPlain:
+    """Load-state-dict pre-hook of a layer whose ``pname`` has a majority kernel: a plain state (the
+    collapsed model's, as in the callback's checkpoints, or a pretrained model's) holds the kernel under
+    its plain name; it loads as copies that all equal it, so the eval-mode kernel is that weight. After
+    :func:`collapse` the layer is plain again and the hook does nothing."""
+
+    def __init__(self, pname: str) -> None:
+        self.pname = pname
+
+    def __call__(self, layer: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+        plain, stored = prefix + self.pname, f"{prefix}parametrizations.{self.pname}.original"
+        if plain not in state or stored in state or not parametrize.is_parametrized(layer, self.pname):
+            return
+        kernel = layer.parametrizations[self.pname][0]
+        weight = state.pop(plain)
+        state[stored] = _init_stored(weight.unsqueeze(0).expand(kernel.k, *weight.shape), weight, "replicate", kernel.form)
+        state[prefix + f"parametrizations.{self.pname}" + _EXTRA] = kernel.get_extra_state()
+
+
 _SETTINGS = ("k", "scheme", "init", "form", "seed")  # what a saved draw position is only valid with
 
 
@@ -424,8 +458,12 @@ def apply_majority_kernels(
     ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.
 
     With ``step_on_forward`` every training-mode forward of ``module`` draws new coefficients;
-    otherwise the caller advances the handle's ``step`` (the Lightning callback does, once per batch).
-    Optimizers must be created after this call.
+    otherwise the caller advances the handle's ``step`` (the Lightning callback does, once per optimizer
+    step). Optimizers must be created after this call.
+
+    ``module.load_state_dict`` then takes the module's own state too (a pretrained or collapsed model's,
+    with plain keys): each kernel loads as ``k`` equal copies (decoupled: ``mu`` and zero deviations), so
+    the eval-mode model is exactly the loaded one; a state with copies loads them as they are.
     """
     scale = _check_options(k, scheme, init, grad_scale, init_noise, form, noise)
     if has_majority_kernels(module):
@@ -464,6 +502,7 @@ def apply_majority_kernels(
         for _, layer, pname in uses:
             parametrize.register_parametrization(layer, pname, kernel, unsafe=True)
             layer.parametrizations[pname].original = stored
+            layer.register_load_state_dict_pre_hook(_LoadPlain(pname))
     if step_on_forward:
         module.register_forward_pre_hook(draws)
     handle = MajorityKernels(module, draws, int(k), scheme, init, form)
@@ -603,20 +642,71 @@ def collapse(module: nn.Module) -> nn.Module:
     return module
 
 
-def copy_spread(source: Union[nn.Module, Mapping[str, Any]]) -> dict[str, float]:
+def copy_spread(
+    source: Union[nn.Module, Mapping[str, Any]], whole: Callable[[Tensor], ContextManager] = contextlib.nullcontext
+) -> dict[str, float]:
     """Per set of copies: RMS distance of the copies from the eval-mode kernel (their mean, which is
     ``mu`` when decoupled), relative to that kernel's RMS. ``source`` is the MK module or its state
-    dict (``DTensor`` entries are gathered, as in :func:`collapsed_state_dict`)."""
+    dict. A ``DTensor`` sharded along the copies (FSDP2, or FSDP's sharded state dict) is measured from
+    each rank's own rows with two all-reduces (a kernel-sized sum, then a scalar), never gathered whole:
+    every rank must call it then, and every rank gets the same values. ``whole(tensor)``, a context manager
+    giving the tensor to measure, is entered around each kernel's measure (the Lightning callback gives
+    DeepSpeed's fp32 master of it, gathered: one kernel whole at a time)."""
     state = _state_of(source)
     spread, seen = {}, set()
     with torch.no_grad():
         for key, (name, form) in _kernels_in(state).items():
-            stored = _full(state[key]).detach()
-            if _storage(stored) in seen:  # tied: the same copies under another key
-                continue
-            seen.add(_storage(stored))
-            copies = _copies(stored.float(), form)
-            mean = copies.mean(0)
-            rms = (copies - mean).pow(2).mean().sqrt() / mean.pow(2).mean().sqrt().clamp_min(1e-12)
-            spread[name] = rms.item()
+            with whole(state[key]) as tensor:
+                stored = tensor.detach()
+                rows, first, groups = _rows(stored)
+                if _storage(rows) in seen:  # tied: the same copies under another key
+                    continue
+                seen.add(_storage(rows))
+                spread[name] = _spread(rows.float(), first, groups, form, stored.shape[0])
     return spread
+
+
+def _rows(stored: Tensor) -> tuple[Tensor, int, list]:
+    """This process's rows of the stored tensor, the index of the first, and the process groups holding
+    the others: the whole tensor and no group, unless it is split along its first dimension only, as a
+    ``DTensor`` (FSDP2) or a ``ShardedTensor`` (FSDP's sharded state dict); other layouts are gathered."""
+    if hasattr(stored, "local_shards"):  # ShardedTensor: FSDP chunks each parameter along its first dimension
+        shards = stored.local_shards()
+        if len(shards) > 1 or any(list(s.metadata.shard_sizes[1:]) != list(stored.shape[1:]) for s in shards):
+            raise ValueError(f"copy_spread measures copies split along their first dimension, not {stored.metadata()}")
+        if not shards:  # this process holds no row
+            empty = torch.empty((0, *stored.shape[1:]), dtype=stored.metadata().tensor_properties.dtype)
+            return empty, stored.shape[0], [stored._process_group]
+        return shards[0].tensor, shards[0].metadata.shard_offsets[0], [stored._process_group]
+    if not hasattr(stored, "device_mesh"):
+        return stored, 0, []
+    placements = stored.placements
+    if not all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in placements):
+        return stored.full_tensor(), 0, []
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(stored.shape, stored.device_mesh, placements)
+    groups = [stored.device_mesh.get_group(dim) for dim, p in enumerate(placements) if p.is_shard()]
+    return stored.to_local(), offset[0], groups
+
+
+def _spread(rows: Tensor, first: int, groups: list, form: str, n_rows: int) -> float:
+    """:func:`copy_spread` of one kernel from ``rows`` ``first``, ``first + 1``, ... of its stored tensor;
+    the sums over the rows held elsewhere are all-reduced over ``groups``."""
+
+    def total(tensor: Tensor) -> Tensor:
+        for group in groups:
+            torch.distributed.all_reduce(tensor, group=group)
+        return tensor
+
+    k = n_rows - (form == "decoupled")
+    if form == "decoupled":  # the copies' offsets from mu are the deviations' offsets from their mean
+        deviations = rows[1:] if first == 0 else rows
+        mu = rows[0] if first == 0 and len(rows) else rows.new_zeros(rows.shape[1:])
+        mu, center = total(torch.stack([mu, deviations.sum(0)]))
+        center = center / k
+    else:
+        deviations = rows
+        mu = center = total(rows.sum(0)) / k  # the copies' mean
+    distance = total((deviations - center).pow(2).sum().reshape(1))
+    return (distance / (k * mu.pow(2).sum().clamp_min(1e-24))).sqrt().item()

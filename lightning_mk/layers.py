@@ -226,9 +226,17 @@ def _eligible(module: nn.Module, layer_types: tuple[LayerType, ...], biases: boo
         chosen = "supported" if layer_types == tuple(SUPPORTED_LAYERS) else "chosen"
         twins = sorted({twin for key in layer_types for twin in _case_twins(_short(key), SUPPORTED_LAYERS)})
         hint = f"; note that {twins} differ only in case from the chosen types" if chosen == "chosen" and twins else ""
+        held = sorted(
+            {
+                type(layer).__name__
+                for layer in module.modules()
+                if any(p is not None and p.requires_grad for p in layer._parameters.values())
+            }
+        )
         raise ValueError(
             f"{type(module).__name__} has no layer with a trainable kernel of a {chosen} type "
-            f"({_names(layer_types)}){hint}; register other layer types with lightning_mk.register_layer"
+            f"({_names(layer_types)}){hint}; the model's layer types with trainable parameters: {held}; "
+            "register other layer types with lightning_mk.register_layer"
         )
     return eligible
 
@@ -295,11 +303,13 @@ def _percent(share: float) -> str:
 class Coverage:
     """What majority kernels cover in a model, in trainable parameters (elements; tied ones counted once).
 
-    ``kernels`` parameters got copies, holding ``covered`` of the model's ``total`` elements. ``single``
-    holds, per module type, the elements left single: normalization layers, biases (unless asked
-    for), layers excluded by ``include``/``exclude``/``layer_types``, unregistered types.
-    ``unregistered`` is the part of it that no registered layer type names (normalization layers
-    apart): what :func:`register_layer` would cover.
+    ``kernels`` parameters got copies, holding ``covered`` of the ``total`` elements of the model as
+    written (the deployed size, not the size it trains at). ``single`` holds, per module type, the
+    elements left single: normalization layers, biases (unless asked for), layers excluded by
+    ``include``/``exclude``/``layer_types``, unregistered types; ``single_names`` their parameter
+    names (``("bias",)``), so the summary says what they are. ``unregistered`` is the part of
+    ``single`` that no registered layer type names (normalization layers apart): what
+    :func:`register_layer` would cover.
     """
 
     kernels: int
@@ -307,6 +317,7 @@ class Coverage:
     total: int
     single: dict[type, int]
     unregistered: dict[type, int]
+    single_names: dict[type, tuple[str, ...]]
 
     @property
     def share(self) -> float:
@@ -319,11 +330,12 @@ class Coverage:
 
     def __str__(self) -> str:
         text = (
-            f"{self.kernels} kernels have copies: {_percent(self.share)} of {_count(self.total)} trainable parameters"
+            f"{self.kernels} kernels have copies: {_percent(self.share)} of the deployed model's "
+            f"{_count(self.total)} trainable parameters"
         )
         if self.single:
             parts = [
-                f"{kind.__name__} {_percent(n / self.total)}"
+                f"{kind.__name__} {'/'.join(self.single_names[kind])} {_percent(n / self.total)}"
                 + (" (unregistered type)" if kind in self.unregistered else "")
                 for kind, n in sorted(self.single.items(), key=lambda item: -item[1])
             ]
@@ -335,7 +347,7 @@ def _coverage(module: nn.Module, covered: Collection[int]) -> Coverage:
     """The :class:`Coverage` of ``module`` when the parameters with ids ``covered`` get copies. A tied
     parameter counts under its first holder's type, and as registered if any holder names it."""
     kind_of = _kind_of(SUPPORTED_LAYERS)
-    holder: dict[int, tuple[type, nn.Parameter]] = {}
+    holder: dict[int, tuple[type, str, nn.Parameter]] = {}
     named: set[int] = set()  # registered, or in a normalization layer
     for layer in module.modules():
         kind = kind_of(type(layer))
@@ -343,17 +355,20 @@ def _coverage(module: nn.Module, covered: Collection[int]) -> Coverage:
         for pname, p in layer._parameters.items():
             if p is None or not p.requires_grad:
                 continue
-            holder.setdefault(id(p), (type(layer), p))
+            holder.setdefault(id(p), (type(layer), pname, p))
             if _is_norm(type(layer)) or any(fnmatch.fnmatchcase(pname, pattern) for pattern in patterns):
                 named.add(id(p))
     single: dict[type, int] = {}
     unregistered: dict[type, int] = {}
-    for pid, (kind, p) in holder.items():
+    names: dict[type, dict[str, None]] = {}  # ordered sets
+    for pid, (kind, pname, p) in holder.items():
         if pid in covered:
             continue
         single[kind] = single.get(kind, 0) + p.numel()
+        names.setdefault(kind, {})[pname] = None
         if pid not in named:
             unregistered[kind] = unregistered.get(kind, 0) + p.numel()
-    n_covered = sum(p.numel() for pid, (_, p) in holder.items() if pid in covered)
-    total = sum(p.numel() for _, p in holder.values())
-    return Coverage(len(covered), n_covered, total, single, unregistered)
+    n_covered = sum(p.numel() for pid, (_, _, p) in holder.items() if pid in covered)
+    total = sum(p.numel() for _, _, p in holder.values())
+    single_names = {kind: tuple(found) for kind, found in names.items()}
+    return Coverage(len(covered), n_covered, total, single, unregistered, single_names)

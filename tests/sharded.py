@@ -52,6 +52,7 @@ def run_and_check(tmp_path, strategy: str, precision: str, accelerator: str, dev
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(devices)]
     epoch = 64 // 8 // devices  # batches per rank
     assert all(r["steps"] == [2 * epoch, 3 * epoch] for r in ranks), "2 epochs, then a third resumed from the checkpoint"
+    assert all(r["gathers"] == 2 for r in ranks), "the whole model is gathered once per fit, for the small model only"
     for r in ranks[1:]:
         for key in ("sampled", "resumed_sampled"):
             for a, b in zip(ranks[0][key], r[key], strict=True):

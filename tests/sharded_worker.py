@@ -33,6 +33,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import TinyModule, loader, trainer  # noqa: E402
 
+import lightning_mk.callback  # noqa: E402
 from lightning_mk import MajorityKernelCallback, kernel_copies  # noqa: E402
 
 out, name, precision, accelerator, devices = sys.argv[1:5] + [int(sys.argv[5])]
@@ -57,6 +58,11 @@ if on_cpu and name.startswith("deepspeed"):
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
     deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
+full_states = []  # one per whole-model gather: the small model's, at the end of each fit (not the spread's)
+gather = lightning_mk.callback._full_state
+lightning_mk.callback._full_state = lambda strategy: full_states.append(strategy) or gather(strategy)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -120,8 +126,8 @@ copies = kernel_copies(model)["net.0.weight"]
 held = copies.ds_tensor.numel() if hasattr(copies, "ds_tensor") else copies.numel()  # ZeRO-3 keeps a partition
 t2, resumed, cb2 = fit(3, "resumed", ckpt_path=os.path.join(out, "first.ckpt"))
 torch.save(
-    {"sampled": model.sampled, "resumed_sampled": resumed.sampled, "steps": [cb.state_dict()["step"], cb2.state_dict()["step"]],
-     "held": held, "spread": t.callback_metrics["mk/spread"].item(), "frames": model.frames},
+    {"sampled": model.sampled, "resumed_sampled": resumed.sampled, "steps": [cb.kernels.step, cb2.kernels.step],
+     "held": held, "spread": t.callback_metrics["mk/spread"].item(), "frames": model.frames, "gathers": len(full_states)},
     os.path.join(out, f"rank{t.global_rank}.pt"),
 )
 if torch.distributed.is_initialized():

@@ -100,3 +100,22 @@ def test_lightning_fits_a_compiled_module_with_fullgraph(tmp_path):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
     TinyModule().load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True))
+
+
+def test_the_raw_apis_training_forward_is_one_graph():
+    """The step hook runs eagerly before the forward, so a compiled training step is the model's graph alone."""
+
+    class Net(torch.nn.Module):  # a forward of its own (nn.Sequential hides the hook from explain)
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    net = Net()
+    kernels = apply_majority_kernels(net, k=4)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net.train())(torch.randn(2, 8))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert kernels.step == 1, "the hook still advanced the draw"

@@ -507,3 +507,76 @@ def test_collapsing_a_model_leaves_its_deep_copy_working():
     torch.testing.assert_close(model.eval()(x), expected)
     collapse(twin)
     torch.testing.assert_close(twin(x), expected)
+
+
+def test_draw_keys_mix_integers_explicitly_and_keep_earlier_draws():
+    from lightning_mk.kernels import _INIT_STEP, _NOISE_STEP, _key
+
+    for ints in [(0, 1), (5, 3, 2), (123456, 0), (7,), (2**40, 9, 1)]:  # draw keys: seed, kernel[, rank] >= 0
+        assert _key(*ints) == hash(ints) & (2**63 - 1), "the draws of earlier versions are unchanged"
+    assert hash(-1) == hash(-2) and _key(-1) != _key(-2), "no two integers share a lane"
+    assert _key(0, _INIT_STEP, 0) != _key(0, _NOISE_STEP, 0)
+
+
+def test_initial_copies_and_their_noise_come_from_independent_streams():
+    layer = nn.Linear(64, 64)
+
+    def copies(init_noise):
+        model = apply_majority_kernels(copy.deepcopy(layer), k=4, init="independent", init_noise=init_noise, seed=3).module
+        return kernel_copies(model)["weight"].detach()
+
+    drawn = copies(0.0)
+    noise = copies(1.0) - drawn  # centred over the copies
+    centred = drawn - drawn.mean(0)
+    correlation = torch.corrcoef(torch.stack([centred.flatten(), noise.flatten()]))[0, 1]
+    assert abs(correlation) < 0.05, f"correlated streams: {correlation:.3f} (16384 pairs: independent ones give |r| < 0.03)"
+
+
+@pytest.mark.parametrize("form", ["copies", "decoupled"])
+def test_a_plain_state_loads_into_majority_kernels_as_equal_copies(form):
+    torch.manual_seed(0)
+    model, pretrained = TiedLM(), TiedLM()
+    apply_majority_kernels(model, k=4, init="independent", form=form)
+    model.load_state_dict(pretrained.state_dict(), strict=True)
+    assert torch.equal(kernel_copies(model)["mix.weight"], pretrained.mix.weight.detach().expand(4, -1, -1))
+    assert model.embed.parametrizations.weight.original is model.head.parametrizations.weight.original
+    x = torch.randint(0, 13, (4, 5))
+    model.eval()
+    pretrained.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), pretrained(x)), "the eval-mode model is the loaded one"
+    collapse(model)
+    model.load_state_dict(pretrained.state_dict(), strict=True)  # plain again: an ordinary load
+
+
+PINNED = {  # the first three elements of the kernel drawn at steps 1, 2 and 7 (k=3, init_noise=0.5, seed=11)
+    "convex": [[0.012954, 0.067279, 0.240521], [-0.06933, 0.022135, 0.230672], [-0.187657, -0.216608, 0.240747]],
+    "layer": [[-0.086077, -0.157715, 0.116448], [-0.044908, 0.032251, 0.171755], [-0.045549, 0.174395, 0.204274]],
+    "majority": [[0.092191, 0.281414, 0.17105], [-0.217403, 0.240568, 0.17105], [0.125212, -0.221982, 0.277031]],
+    "select": [[-0.184382, -0.262829, 0.257899], [0.434806, -0.181136, 0.257899], [-0.250424, 0.743964, 0.045938]],
+}
+
+
+@pytest.mark.parametrize("form", ["copies", "decoupled"])
+@pytest.mark.parametrize("scheme", sorted(PINNED))
+def test_draws_are_pinned(scheme, form):
+    """Refactoring must not move a draw: these values were taken from the library and must stay."""
+    layer = nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+    kernels = apply_majority_kernels(layer, k=3, scheme=scheme, form=form, init_noise=0.5, seed=11)
+    layer.train()
+    for step, expected in zip((1, 2, 7), PINNED[scheme]):
+        kernels.step = step
+        assert layer.weight.detach().flatten()[:3].tolist() == pytest.approx(expected, abs=1e-6), step
+
+
+def test_independent_copies_per_rank_draws_and_noise_level_are_pinned():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    kernels = apply_majority_kernels(layer, k=3, init="independent", seed=11, rank=2, noise=0.5)
+    copies = kernel_copies(layer)["weight"].detach().flatten()[:4].tolist()
+    assert copies == pytest.approx([0.252871, -0.249766, -0.446993, -0.400891], abs=1e-6)
+    layer.train()
+    kernels.step = 5
+    assert layer.weight.detach().flatten()[:3].tolist() == pytest.approx([-0.019129, -0.106477, 0.222646], abs=1e-6)

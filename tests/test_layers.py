@@ -201,6 +201,18 @@ def test_other_layer_type_arguments_that_cannot_match_fail_early():
     assert not kernel_copies(model)
 
 
+def test_layer_types_that_select_no_layer_name_the_models_types():
+    """So the user can pick one: the types that hold trainable parameters, not activations or containers."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.raises(
+        ValueError,
+        match=r"Sequential has no layer with a trainable kernel of a chosen type \(\['LSTM'\]\); "
+        r"the model's layer types with trainable parameters: \['Conv2d', 'LayerNorm', 'Linear'\]; register",
+    ):
+        apply_majority_kernels(model, layer_types=["LSTM"])
+    assert not kernel_copies(model)
+
+
 def test_lazy_layers_are_refused_before_anything_changes():
     model = nn.Sequential(nn.Linear(3, 3), nn.LazyConv1d(2, 1))
     with pytest.raises(ValueError, match="layer '1' is lazy and not yet initialised: run one forward"):
@@ -276,17 +288,22 @@ def test_coverage_counts_parameters_by_type():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Mixer(8), nn.Linear(8, 2))
     coverage = apply_majority_kernels(model, k=2).coverage
     assert coverage == Coverage(
-        kernels=2, covered=48, total=138, single={nn.Linear: 10, nn.LayerNorm: 16, Mixer: 64}, unregistered={Mixer: 64}
+        kernels=2,
+        covered=48,
+        total=138,
+        single={nn.Linear: 10, nn.LayerNorm: 16, Mixer: 64},
+        unregistered={Mixer: 64},
+        single_names={nn.Linear: ("bias",), nn.LayerNorm: ("weight", "bias"), Mixer: ("mix",)},
     )
     assert coverage.share == pytest.approx(48 / 138)
     assert coverage.unregistered_share == pytest.approx(64 / 138)
     assert str(coverage) == (
-        "2 kernels have copies: 34.8% of 138 trainable parameters; "
-        "left single: Mixer 46.4% (unregistered type), LayerNorm 11.6%, Linear 7.2%"
+        "2 kernels have copies: 34.8% of the deployed model's 138 trainable parameters; "
+        "left single: Mixer mix 46.4% (unregistered type), LayerNorm weight/bias 11.6%, Linear bias 7.2%"
     )
     tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     tied[1].weight = tied[0].weight
-    assert apply_majority_kernels(tied, k=2).coverage == Coverage(1, 40, 40, {}, {}), "a tied kernel counts once"
+    assert apply_majority_kernels(tied, k=2).coverage == Coverage(1, 40, 40, {}, {}, {}), "a tied kernel counts once"
 
 
 class MixerModule(TinyModule):
@@ -321,7 +338,8 @@ def test_the_callback_logs_the_coverage_and_warns_about_unregistered_layers(tmp_
     )
     assert f"{__name__}.Mixer (56.8%)" in messages[0] and "lightning_mk.register_layer(" in messages[0]
     logged = (
-        "MajorityKernelCallback: 2 kernels have copies: 39.0% of 451 trainable parameters; left single: Mixer 56.8%"
+        "MajorityKernelCallback: 2 kernels have copies: 39.0% of the deployed model's 451 trainable parameters; "
+        "left single: Mixer mix 56.8%"
     )
     assert logged + " (unregistered type)" in lightning_log.text
 
@@ -345,4 +363,4 @@ def test_normalization_layers_stay_single_without_a_warning(tmp_path, lightning_
     assert not [w for w in record if "registered" in str(w.message)]
     assert cb.kernels.coverage.single[nn.LayerNorm] == 32
     assert cb.kernels.coverage.unregistered == {}
-    assert "left single: LayerNorm 14.1%" in lightning_log.text
+    assert "left single: LayerNorm weight/bias 14.1%" in lightning_log.text

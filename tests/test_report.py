@@ -300,3 +300,17 @@ def test_an_experiments_reading_is_printed_under_its_table():
     mlp, cnn = markdown.split("## mnist1d/mlp")[1], markdown.split("## mnist1d/cnn")[1].split("## ")[0]
     assert mlp.count("Reading: MK helps here.") == 1
     assert "Reading" not in cnn
+
+
+def test_the_plot_keeps_an_accuracy_within_0_and_100_percent(tmp_path):
+    """Two seeds far apart near 100 %: their t-interval reaches past 150 %, the plot stops at 100 %."""
+    from matplotlib.collections import LineCollection
+
+    runs = [_run("t/m", "baseline", "baseline", None, seed, acc) for seed, acc in enumerate((0.999, 0.90))]
+    rows = summarize(runs)["t/m"]
+    assert rows[0]["mean_ci"][1] > 150 and rows[0]["mean_ci"][0] < 100
+    (ax, *_) = plot({"t/m": rows}, tmp_path / "report.png").axes
+    left, right = ax.get_xlim()
+    assert 0 <= left and right <= 100
+    (bar,) = [c for c in ax.collections if isinstance(c, LineCollection)]  # the CI's bar
+    assert max(x for segment in bar.get_segments() for x, _ in segment) == pytest.approx(100)

@@ -226,7 +226,10 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
-        (["method=mk", "method.callback.form=tied"], r"'method.callback.form' is 'tied'; allowed: \['copies', 'decoupled'\]"),
+        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled'\]"),
+        (["method=mk", "method.callback.scheme=nope"], r"config key 'method.callback': unknown scheme 'nope'; valid schemes: \["),
+        (["method=mk", "method.callback.noise=-1"], "config key 'method.callback': noise must be a number >= 0"),
+        (["method=mk", "+method.callback.copies=2"], "unexpected keyword argument 'copies'"),
     ],
 )
 def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):
@@ -307,14 +310,20 @@ def test_distill_from_saved_teachers(tmp_path):
         run(config(tmp_path / "bad", "method=distill", f"method.teacher_ckpt=[{paths['b0']}]", "k=2", *TINY))
 
 
-def test_submodular_from_a_saved_wide_model(tmp_path):
-    """wide_ckpt selects from a wide run's model instead of training one: the same selection as in-run."""
+def test_submodular_from_a_saved_wide_model(tmp_path, monkeypatch):
+    """wide_ckpt selects from a wide run's model instead of training one: the same selection as in-run, and no fit."""
+    from lightning_mk.experiments.run import Runner
+
     common = ["seed=0", "k=2", "data.module.num_samples=600", *TINY]
     run(config(tmp_path / "wide", "method=wide", *common))
     in_run = run(config(tmp_path / "in_run", "method=submodular", *common))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the run trained a model: the wide model was not loaded from wide_ckpt")
+
+    monkeypatch.setattr(Runner, "fit", no_fit)
     loaded = run(config(tmp_path / "loaded", "method=submodular", f"method.wide_ckpt={tmp_path / 'wide' / 'model.pt'}", "method.finetune_epochs=0", *common))
     assert loaded["test_acc"] == in_run["test_acc_before_finetune"]
-    assert loaded["train_time_s"] < in_run["train_time_s"], "selection alone costs less than training the wide model"
 
 
 def _app(*args, cwd, env=None):
@@ -360,6 +369,17 @@ def test_a_config_error_leaves_no_run_folder(tmp_path):
     done = _app("-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "method=mk", "k=0,1", cwd=tmp_path)
     assert done.returncode != 0 and "got 0" in done.stderr
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml"], "the sweep's record only"
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [("scheme=nope", "unknown scheme 'nope'; valid schemes: ["), ("noise=-1", "noise must be a number >= 0")],
+)
+def test_a_bad_callback_option_fails_before_any_logger(tmp_path, option, message):
+    """The config check makes the callback, so what it refuses fails before W&B (the default logger) starts."""
+    done = _app(f"hydra.run.dir={tmp_path / 'run'}", "method=mk", f"method.callback.{option}", cwd=tmp_path)
+    assert done.returncode != 0 and f"config key 'method.callback': {message}" in done.stderr
+    assert not list(tmp_path.iterdir()), "no run folder (hydra.run.dir), and no W&B or CSV logs anywhere"
 
 
 @pytest.mark.parametrize("method", ["mk", "wide"])

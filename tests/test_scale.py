@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import TinyModule, loader, trainer
-from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, kernel_copies
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, copy_spread, kernel_copies
 
 STEPS = 4
 
@@ -52,6 +52,8 @@ def fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
         x, y = batch()
         train(net, x.chunk(world)[rank], y.chunk(world)[rank])  # FSDP averages the two halves' gradients
         state = collapsed_state_dict(net)  # a collective: every rank gathers
+        spread = copy_spread(net)  # a collective too: from each rank's own rows of the copies
+        torch.save(spread, f"{out}.spread{rank}")
         if rank == 0:
             torch.save(state, out)
         dist.barrier()
@@ -79,6 +81,9 @@ def test_fsdp2_gather_and_collapse_equals_the_unsharded_run(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6)
     assert not torch.equal(expected["0.weight"], collapsed_state_dict(make_mk_net())["0.weight"]), "it trained"
+    spreads = [torch.load(f"{out}.spread{rank}", weights_only=True) for rank in (0, 1)]
+    assert spreads[0] == spreads[1], "every rank gets the same spread"
+    assert spreads[0] == pytest.approx(copy_spread(reference), rel=1e-5) and min(spreads[0].values()) > 0
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)])

@@ -14,9 +14,13 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REQUIRED = ("task", "method", "label", "k", "seed", "test_acc", "params", "deployable", "train_time_s", "config")
 NUMERIC = ("test_acc", "params", "train_time_s")
@@ -174,6 +178,7 @@ def _row(runs: list[dict], metric: str, scale: float) -> dict:
         "method": runs[0]["method"],
         "metric": metric,
         "unit": "%" if scale == 100 else "",
+        "bounds": (0.0, 100.0) if scale == 100 else None,  # the range of its values: an accuracy's, in %
         "k": _one([r["k"] for r in runs]),
         "seeds": [r["seed"] for r in runs],
         "values": values.tolist(),
@@ -319,8 +324,10 @@ def to_markdown(summary: dict[str, list[dict]]) -> str:
     return "\n".join(out + [CI_NOTE.format(unit=", in percentage points" if unit == "%" else "")])
 
 
-def plot(summary: dict[str, list[dict]], path) -> None:
-    """Per task, every seed as a dot, the mean with its 95% CI, and each baseline row's mean as a dashed line."""
+def plot(summary: dict[str, list[dict]], path) -> Figure:
+    """Per task, every seed as a dot, the mean with its 95% CI, and each baseline row's mean as a dashed line.
+    A CI and the axis stop at the ends of the metric's range (an accuracy's 0 and 100 %): a t-interval of few
+    seeds near 100 % reaches far beyond it. Returns the figure written to ``path``."""
     from matplotlib.figure import Figure  # no pyplot: draws with Agg and leaves the caller's backend alone
     from matplotlib.lines import Line2D
 
@@ -337,6 +344,8 @@ def plot(summary: dict[str, list[dict]], path) -> None:
             spread = np.linspace(0.12, 0.32, row["n"]) if row["n"] > 1 else [0.22]  # seeds just below their mean
             ax.scatter(row["values"], y + np.asarray(spread), s=16, color=c, alpha=0.6, linewidths=0)
             lo, hi = row["mean_ci"] or (row["mean"], row["mean"])
+            if row["bounds"] is not None:
+                lo, hi = np.clip([lo, hi], *row["bounds"])
             ax.errorbar(row["mean"], y, xerr=[[row["mean"] - lo], [hi - row["mean"]]], fmt="o", color=c, ms=6,
                         capsize=4, elinewidth=1.5)  # fmt: skip
         for base in (row for row in rows if row["method"] == "baseline"):
@@ -349,6 +358,9 @@ def plot(summary: dict[str, list[dict]], path) -> None:
         ax.set_xlabel(rows[0]["metric"].replace("_", " ") + unit)
         ax.set_title(task)
         ax.grid(axis="x", alpha=0.3)
+        if rows[0]["bounds"] is not None:
+            left, right = ax.get_xlim()
+            ax.set_xlim(max(left, rows[0]["bounds"][0]), min(right, rows[0]["bounds"][1]))
     for ax in axes[len(summary) :]:
         ax.set_visible(False)
     handles = [
@@ -358,6 +370,7 @@ def plot(summary: dict[str, list[dict]], path) -> None:
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def write_runs_csv(results: list[dict], path, summary: dict[str, list[dict]] | None = None) -> None:

@@ -27,6 +27,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -38,7 +39,6 @@ from lightning_mk.experiments.distill import Distiller, Ensemble
 from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.report import is_number
 from lightning_mk.experiments.submodular import OBJECTIVES, prune_to_width
-from lightning_mk.kernels import FORMS
 
 log = logging.getLogger(__name__)
 
@@ -315,19 +315,23 @@ def baseline_reg(run: Runner) -> tuple[pl.LightningModule, bool]:
     return model, True
 
 
-def _check_mk(cfg: DictConfig) -> None:
-    """The form picks the label (conf/method/mk.yaml), which is resolved before the callback could say what is wrong."""
-    form = cfg.method.callback.form
-    if form not in FORMS:
-        raise ConfigError(f"config key 'method.callback.form' is {form!r}; allowed: {list(FORMS)}")
+def _callback(cfg: DictConfig, save_path: str | None = None) -> pl.Callback:
+    """The method's callback, made from ``method.callback``. The config check makes one too, so that an option
+    the callback refuses fails before any run folder or logger, as a :class:`ConfigError` with its message."""
+    try:
+        return instantiate(cfg.method.callback, save_path=save_path)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, TypeError)):
+            raise ConfigError(f"config key 'method.callback': {err.__cause__}") from None
+        raise
 
 
-@method(uses_k=True, check=_check_mk)
+@method(uses_k=True, check=_callback)
 def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
     """Majority Kernels: the callback writes the small model's ``state_dict`` to the run's ``model.pt`` (one path
     for every rank), which loads strictly into a new model of the user's class at its own size."""
     path = os.path.join(run.cfg.output_dir, "model.pt")
-    run.fit(run.module(), callbacks=[instantiate(run.cfg.method.callback, save_path=path)])
+    run.fit(run.module(), callbacks=[_callback(run.cfg, save_path=path)])
     small = run.module()
     small.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return small, True

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mk import apply_majority_kernels, collapse
-from lightning_mk.layers import _eligible, _layer_types
+from lightning_mk.layers import eligible_layers, resolve_layer_types
 from lightning_mk.experiments.models import MLP, ResNet, Transformer
 from lightning_mk.schemes import SCHEMES
 
@@ -53,7 +53,7 @@ def make_optimizer(params, name: str) -> torch.optim.Optimizer:
 
 def kernel_numel(model: nn.Module) -> int:
     """Parameters that MK would copy: the kernels of the supported layers (tied ones once)."""
-    eligible = _eligible(model, _layer_types(None), biases=False)
+    eligible = eligible_layers(model, resolve_layer_types(None), biases=False)
     kernels = {id(layer._parameters[p]): layer._parameters[p] for uses in eligible.values() for layer, p in uses}
     return sum(p.numel() for p in kernels.values())
 

@@ -1,6 +1,6 @@
 """Train a model as if it were k times larger; deploy it at its original size (Majority Kernels).
 
-Exports are lazy (PEP 562): ``lightning_mk.kernels`` and ``lightning_mk.schemes`` need torch alone,
+Exports are lazy (PEP 562): the raw API (``lightning_mk.apply`` and the modules it uses) needs torch alone,
 and ``import lightning_mk`` imports Lightning only when the callback is first used.
 """
 
@@ -11,31 +11,31 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "MajorityKernelCallback": "lightning_mk.callback",
-    "MajorityKernels": "lightning_mk.kernels",
-    "apply_majority_kernels": "lightning_mk.kernels",
-    "collapse": "lightning_mk.kernels",
-    "collapsed_state_dict": "lightning_mk.kernels",
-    "copy_spread": "lightning_mk.kernels",
-    "kernel_copies": "lightning_mk.kernels",
+    "Settings": "lightning_mk.settings",
+    "MajorityKernels": "lightning_mk.apply",
+    "apply_majority_kernels": "lightning_mk.apply",
+    "collapse": "lightning_mk.collapsing",
+    "collapsed_state_dict": "lightning_mk.collapsing",
+    "copy_spread": "lightning_mk.collapsing",
+    "kernel_copies": "lightning_mk.collapsing",
     "register_layer": "lightning_mk.layers",
     "SCHEMES": "lightning_mk.schemes",
     "Scheme": "lightning_mk.schemes",
     "register_scheme": "lightning_mk.schemes",
+    "FORMS": "lightning_mk.forms",
+    "Form": "lightning_mk.forms",
+    "register_form": "lightning_mk.forms",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
+    from lightning_mk.apply import MajorityKernels, apply_majority_kernels
     from lightning_mk.callback import MajorityKernelCallback
-    from lightning_mk.kernels import (
-        MajorityKernels,
-        apply_majority_kernels,
-        collapse,
-        collapsed_state_dict,
-        copy_spread,
-        kernel_copies,
-    )
+    from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread, kernel_copies
+    from lightning_mk.forms import FORMS, Form, register_form
     from lightning_mk.layers import register_layer
     from lightning_mk.schemes import SCHEMES, Scheme, register_scheme
+    from lightning_mk.settings import Settings
 
 
 def __getattr__(name: str) -> Any:

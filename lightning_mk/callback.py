@@ -8,7 +8,7 @@ import os
 import posixpath
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -20,23 +20,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from typing_extensions import override
 
+from lightning_mk.apply import MajorityKernels, apply_majority_kernels
 from lightning_mk.atomic import write_atomically
-from lightning_mk.kernels import (
-    MajorityKernel,
-    MajorityKernels,
-    _check_options,
-    _refuse_other_settings,
-    apply_majority_kernels,
-    collapse,
-    collapsed_state_dict,
-    copy_spread,
-    has_majority_kernels,
-)
-from lightning_mk.layers import Coverage, _layer_types
+from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread
+from lightning_mk.layers import Coverage
+from lightning_mk.parametrization import MajorityKernel, has_majority_kernels
+from lightning_mk.settings import Settings
 
 __all__ = ["MajorityKernelCallback", "SUPPORTED_STRATEGIES"]
 
@@ -50,8 +44,9 @@ SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)
 class MajorityKernelCallback(Callback):
     """Train the LightningModule with ``k`` copies of every chosen kernel; deploy it at its own size.
 
-    The model is rewritten right after ``configure_model`` (Lightning's last model-building hook, which
-    runs after ``setup``), so layers built there are covered and the optimizer sees the copies.
+    The model is rewritten in ``setup``, after the callback has run the module's ``configure_model`` itself
+    (in the contexts Lightning runs it in; Lightning asks for it to be idempotent), so layers built there
+    are covered, and the strategy and the optimizer see the copies.
     Training steps draw a fresh combination of the copies; validation and test run in eval mode on
     the mean (``mu`` when decoupled), so the metrics logged are the deployable model's. At the end of
     ``fit`` the plain model's ``state_dict`` is written to ``save_path`` (rank zero, atomically); it loads
@@ -65,82 +60,39 @@ class MajorityKernelCallback(Callback):
     accumulated into one step share it (accumulating equals training with the larger batch).
 
     Args:
-        k: copies per kernel (>= 2).
-        scheme: how a step combines the copies, a name in :data:`lightning_mk.SCHEMES`.
-        init: ``"replicate"`` (copies start at the current weight) or ``"independent"``.
-        form: ``"copies"`` (store the k copies; the deployed mean trains k times slower under SGD) or
-            ``"decoupled"`` (store the deployed kernel and k deviations; it gets the plain model's
-            gradient). See ``apply_majority_kernels``.
-        include, exclude: module-name globs choosing the layers (e.g. ``exclude=["head"]``).
-        layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);
-            default every type in :data:`lightning_mk.layers.SUPPORTED_LAYERS`. Add types with
-            :func:`lightning_mk.register_layer`; the coverage is logged when the model is rewritten,
-            with a warning when layers of unregistered types hold over 10% of the trainable parameters.
-        biases: give biases copies too.
-        init_noise: relative noise added to replicated copies (centred, the mean is unchanged).
-        grad_scale: ``"none"``, ``"k"``, ``"matched"`` or a number (see ``apply_majority_kernels``);
-            decoupled, it scales the deviations' gradients only.
-        noise: the level of each draw's deviation from the eval-mode kernel: a step trains
-            ``eval + noise * (draw - eval)`` (1: the scheme's draw, 0: the eval-mode kernel; any level >= 0
-            keeps the draw unbiased).
-        seed: keys every draw together with the step and the kernel, identically on every rank. Resuming
-            a fit needs the checkpoint's seed, init and form (refused otherwise, naming both values).
         anneal_noise: shrink the noise level linearly from ``noise`` to zero over training
             (``trainer.estimated_stepping_batches``), so the last steps train the model that is evaluated
             and deployed.
         per_rank_noise: each data-parallel rank draws its own coefficients (default: all ranks draw
             the same, so the ranks' gradients are of one sampled model).
         save_path: file for the plain ``state_dict``, a path or any URL Lightning's checkpoints take
-            (``s3://...``, through fsspec); default ``<log_dir>/small_model.pt``.
+            (``s3://...``, through fsspec); default ``<log_dir>/small_model.pt``, for each fit.
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
             under FSDP from each rank's own rows of the copies, under DeepSpeed one kernel at a time.
+        **settings: the options of :class:`~lightning_mk.settings.Settings`, by name: ``k``, ``scheme``,
+            ``init``, ``form``, ``include``, ``exclude``, ``layer_types``, ``biases``, ``init_noise``,
+            ``grad_scale``, ``noise``, ``seed``. Resuming a fit needs the checkpoint's k, scheme, init,
+            form and seed (refused otherwise, naming both values). The coverage is logged when the model is
+            rewritten, with a warning when layers of unregistered types hold over 10% of the parameters.
     """
 
     def __init__(
         self,
-        k: int = 4,
-        scheme: str = "select",
-        init: str = "replicate",
-        form: str = "copies",
-        include: Sequence[str] = ("*",),
-        exclude: Sequence[str] = (),
-        layer_types: Optional[Sequence[Union[type, str]]] = None,
-        biases: bool = False,
-        init_noise: float = 0.0,
-        grad_scale: Union[str, float] = "none",
-        noise: float = 1.0,
-        seed: int = 0,
+        *,
         anneal_noise: bool = False,
         per_rank_noise: bool = False,
         save_path: Optional[Union[str, os.PathLike]] = None,
         collapse_module: bool = False,
         log_spread: bool = True,
+        **settings: Any,
     ) -> None:
-        _check_options(k, scheme, init, grad_scale, init_noise, form, noise)
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise TypeError("include and exclude take a list of glob patterns, e.g. exclude=['head']")
-        if not include:
-            raise ValueError("include=[] chooses no layer; the default ('*',) chooses every eligible layer")
-        _layer_types(layer_types)  # an unknown name fails here, listing the registered types
-        flags = dict(biases=biases, anneal_noise=anneal_noise, per_rank_noise=per_rank_noise)
-        flags.update(collapse_module=collapse_module, log_spread=log_spread)
-        for name, flag in flags.items():
+        self.settings = Settings(**settings)
+        flags = dict(anneal_noise=anneal_noise, per_rank_noise=per_rank_noise, collapse_module=collapse_module)
+        for name, flag in (flags | {"log_spread": log_spread}).items():
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        self.k = int(k)
-        self.scheme = scheme
-        self.init = init
-        self.form = form
-        self.include = tuple(include)
-        self.exclude = tuple(exclude)
-        self.layer_types = layer_types
-        self.biases = biases
-        self.init_noise = init_noise
-        self.grad_scale = grad_scale
-        self.noise = float(noise)
-        self.seed = int(seed)
         self.anneal_noise = anneal_noise
         self.per_rank_noise = per_rank_noise
         self.save_path = None if save_path is None else os.fspath(save_path)
@@ -177,14 +129,13 @@ class MajorityKernelCallback(Callback):
             if self.anneal_noise and trainer.max_steps == -1 and trainer.max_epochs == -1:
                 raise ValueError("anneal_noise=True needs a finite training length: set max_epochs or max_steps")
             self._resolve_save_path(trainer)
-        configure_model = pl_module.configure_model
-
-        def configure_model_then_apply() -> None:  # not functools.wraps: Lightning must see it as overridden
-            _unpatch(pl_module)
-            configure_model()
-            self._apply(pl_module)
-
-        pl_module.configure_model = configure_model_then_apply
+        # Lightning calls configure_model right after setup; call it first, in the contexts Lightning uses (it
+        # must be idempotent: Lightning calls it once per stage), so that layers built there get copies before
+        # the strategy wraps the model or a checkpoint is restored, as WeightAveraging does
+        if is_overridden("configure_model", pl_module):
+            with strategy.tensor_init_context(), strategy.model_sharded_context(), trainer.precision_plugin.module_init_context():
+                pl_module.configure_model()
+        self._apply(pl_module)
 
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
         """This fit's file (``save_path``, or by default in this trainer's log directory), checked on rank zero
@@ -223,23 +174,8 @@ class MajorityKernelCallback(Callback):
                 "let FSDPStrategy wrap them (its auto_wrap_policy) instead"
             )
         with _gathered(pl_module.parameters()):  # DeepSpeed ZeRO-3 built the layers partitioned
-            self.kernels = apply_majority_kernels(
-                pl_module,
-                self.k,
-                self.scheme,
-                self.init,
-                form=self.form,
-                include=self.include,
-                exclude=self.exclude,
-                layer_types=self.layer_types,
-                biases=self.biases,
-                init_noise=self.init_noise,
-                grad_scale=self.grad_scale,
-                noise=self.noise,
-                seed=self.seed,
-                rank=pl_module.global_rank if self.per_rank_noise else None,
-                step_on_forward=False,
-            )
+            rank = pl_module.global_rank if self.per_rank_noise else None
+            self.kernels = apply_majority_kernels(pl_module, self.settings, rank=rank, step_on_forward=False)
         if isinstance(pl_module.trainer.strategy, FSDPStrategy):
             # FSDP1 keeps the copies as views of a flat parameter whose gradient has the sharded size,
             # which dynamo cannot trace (torch 2.13): draw eagerly there, a graph break per kernel
@@ -250,6 +186,14 @@ class MajorityKernelCallback(Callback):
         if isinstance(pl_module.trainer.strategy, SHARDED_STRATEGIES):
             _refuse_pickled_modules(pl_module)
         _report_coverage(self.kernels.coverage, pl_module.trainer)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.kernels is not None and not has_majority_kernels(pl_module):
+            raise RuntimeError(
+                "configure_model built new layers after MajorityKernelCallback gave the first ones copies; make it "
+                "idempotent, as Lightning asks (build the layers only if they do not exist yet)"
+            )
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -263,7 +207,7 @@ class MajorityKernelCallback(Callback):
         # set every step (the buffers may have been re-materialised since setup); annealed by optimizer steps
         # taken, so a resumed run continues the schedule
         anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
-        self.kernels.draws.noise = self.noise * anneal
+        self.kernels.draws.noise = self.settings.noise * anneal
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -286,7 +230,7 @@ class MajorityKernelCallback(Callback):
                 )
             else:
                 write_atomically(self.small_model_path, lambda f: torch.save(small, f))
-                rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.k} collapsed) to {self.small_model_path}")
+                rank_zero_info(f"MajorityKernelCallback: saved the plain model (k={self.settings.k} collapsed) to {self.small_model_path}")
         trainer.strategy.barrier("majority_kernels_saved")
         if self.collapse_module:
             self.kernels.collapse()
@@ -301,12 +245,8 @@ class MajorityKernelCallback(Callback):
             self.kernels = None
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        _unpatch(pl_module)  # if the run failed between setup and configure_model
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "scheme": self.scheme, "init": self.init, "form": self.form, "seed": self.seed}
+        return self.settings.resumed()
 
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
@@ -332,10 +272,9 @@ class MajorityKernelCallback(Callback):
         kernel). Training on needs the checkpoint's k, scheme, init, form and seed (the draws continue its
         sequence, from the restored ``global_step``); validate, test and predict use the eval-mode kernel only
         and take any, restoring the copies when k, scheme and form match."""
-        current = self.state_dict()
         if self._fitting:
-            _refuse_other_settings(state_dict, current, "the checkpoint being resumed", "this MajorityKernelCallback")
-        same = all(state_dict.get(name) == current[name] for name in ("k", "scheme", "form"))
+            self.settings.check_resume(state_dict, "the checkpoint being resumed", "this MajorityKernelCallback")
+        same = all(state_dict.get(name) == getattr(self.settings, name) for name in ("k", "scheme", "form"))
         if "kernels" in state_dict and self.kernels is not None and same:
             loaded = self.kernels.module.load_state_dict(state_dict["kernels"], strict=False)
             if loaded.unexpected_keys:
@@ -428,10 +367,6 @@ def _refuse_pickled_modules(pl_module: "pl.LightningModule") -> None:
             f"{type(pl_module.trainer.strategy).__name__} a module with majority kernels cannot be pickled: call "
             f"self.save_hyperparameters(ignore={held}) in the LightningModule's __init__"
         )
-
-
-def _unpatch(pl_module: "pl.LightningModule") -> None:
-    pl_module.__dict__.pop("configure_model", None)
 
 
 def _report_coverage(coverage: Coverage, trainer: "pl.Trainer") -> None:

@@ -42,7 +42,7 @@ def _short(key: LayerType) -> str:
     return key.rpartition(".")[2] if isinstance(key, str) else key.__name__
 
 
-def _full(key: LayerType) -> str:
+def _qualified(key: LayerType) -> str:
     return key if isinstance(key, str) else _qualname(key)
 
 
@@ -69,7 +69,7 @@ def _names(keys: Iterable[LayerType]) -> list[str]:
     """Short names, qualified where two registered types share one."""
     keys = list(keys)
     short = [_short(key) for key in keys]
-    return sorted(_full(key) if short.count(_short(key)) > 1 else _short(key) for key in keys)
+    return sorted(_qualified(key) if short.count(_short(key)) > 1 else _short(key) for key in keys)
 
 
 def _patterns(value: Sequence[str], what: str) -> tuple[str, ...]:
@@ -106,9 +106,9 @@ def register_layer(
         raise ValueError(f"register_layer({layer_type!r}) needs at least one kernel parameter name")
     biases = _patterns(biases, "biases")
     for key in SUPPORTED_LAYERS:
-        if _full(key) == _full(layer_type) or (cls is not None and _denotes(key, cls)):
+        if _qualified(key) == _qualified(layer_type) or (cls is not None and _denotes(key, cls)):
             raise ValueError(
-                f"layer type {_full(layer_type)!r} is already registered (as {_full(key)!r}); "
+                f"layer type {_qualified(layer_type)!r} is already registered (as {_qualified(key)!r}); "
                 f"registered layer types: {_names(SUPPORTED_LAYERS)}"
             )
     SUPPORTED_LAYERS[layer_type] = LayerParams(kernels, biases)
@@ -158,10 +158,10 @@ def _kind_of(keys: Iterable[LayerType]) -> Callable[[type], Optional[LayerType]]
 
 
 def _case_twins(name: str, keys: Iterable[LayerType]) -> list[str]:
-    return sorted(_full(key) for key in keys if _short(key) != name and _short(key).lower() == name.lower())
+    return sorted(_qualified(key) for key in keys if _short(key) != name and _short(key).lower() == name.lower())
 
 
-def _layer_types(layer_types: Optional[Sequence[LayerType]]) -> tuple[LayerType, ...]:
+def resolve_layer_types(layer_types: Optional[Sequence[LayerType]]) -> tuple[LayerType, ...]:
     """The registry keys ``layer_types`` names (all of them for None): registered classes, their short
     names (``"Linear"``) or fully qualified names."""
     if layer_types is None:
@@ -177,11 +177,11 @@ def _layer_types(layer_types: Optional[Sequence[LayerType]]) -> tuple[LayerType,
             found = [key for key in SUPPORTED_LAYERS if _denotes(key, t)]
         elif isinstance(t, str) and "." in t:
             cls = _resolve(t)
-            found = [key for key in SUPPORTED_LAYERS if _full(key) == t or (cls is not None and _denotes(key, cls))]
+            found = [key for key in SUPPORTED_LAYERS if _qualified(key) == t or (cls is not None and _denotes(key, cls))]
         elif isinstance(t, str):
             found = [key for key in SUPPORTED_LAYERS if _short(key) == t]
             if len(found) > 1:
-                raise ValueError(f"layer type {t!r} is ambiguous: give one of {sorted(_full(key) for key in found)}")
+                raise ValueError(f"layer type {t!r} is ambiguous: give one of {sorted(_qualified(key) for key in found)}")
         else:
             raise TypeError(f"layer_types takes layer classes or their names, got {t!r}")
         if not found:
@@ -205,7 +205,7 @@ def _param_names(layer: nn.Module, params: LayerParams, biases: bool) -> list[st
     return names
 
 
-def _eligible(module: nn.Module, layer_types: tuple[LayerType, ...], biases: bool) -> dict[str, list]:
+def eligible_layers(module: nn.Module, layer_types: tuple[LayerType, ...], biases: bool) -> dict[str, list]:
     """Layer name -> [(layer, parameter name)] for every trainable kernel (and bias) of a chosen type."""
     kind_of = _kind_of(SUPPORTED_LAYERS)
     eligible = {}
@@ -241,7 +241,7 @@ def _eligible(module: nn.Module, layer_types: tuple[LayerType, ...], biases: boo
     return eligible
 
 
-def _choose(eligible: dict[str, list], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+def choose_layers(eligible: dict[str, list], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include and exclude take a list of glob patterns, e.g. include=['encoder.*']")
     for key, patterns in (("include", include), ("exclude", exclude)):
@@ -262,7 +262,7 @@ def _choose(eligible: dict[str, list], include: Sequence[str], exclude: Sequence
     return chosen
 
 
-def _check_resettable(layers: Iterable[nn.Module]) -> None:
+def check_resettable(layers: Iterable[nn.Module]) -> None:
     """``init="independent"`` re-draws each copy with the layer's own initializer: refuse types without
     one before any layer is changed."""
     missing = sorted(
@@ -343,7 +343,7 @@ class Coverage:
         return text
 
 
-def _coverage(module: nn.Module, covered: Collection[int]) -> Coverage:
+def coverage_of(module: nn.Module, covered: Collection[int]) -> Coverage:
     """The :class:`Coverage` of ``module`` when the parameters with ids ``covered`` get copies. A tied
     parameter counts under its first holder's type, and as registered if any holder names it."""
     kind_of = _kind_of(SUPPORTED_LAYERS)

@@ -90,7 +90,7 @@ def test_layers_built_in_configure_model_get_copies(tmp_path):
     cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
     assert sorted(kernel_copies(model)) == ["net.0.weight", "net.2.weight"]
-    assert "configure_model" not in model.__dict__, "the callback must not leave its hook on the module"
+    assert "configure_model" not in model.__dict__, "the callback calls the user's hook, it does not replace it"
     fresh = BuiltInConfigureModel()
     fresh.configure_model()
     fresh.load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)
@@ -211,6 +211,17 @@ def test_a_failed_write_to_a_url_keeps_the_old_file():
         fs.rm("/mk-atomic", recursive=True)
 
 
+def test_a_configure_model_that_rebuilds_its_layers_is_refused_before_training(tmp_path):
+    class Rebuilds(BuiltInConfigureModel):
+        def configure_model(self):  # not idempotent: Lightning calls it once per stage, the callback once more
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    model = Rebuilds()
+    with pytest.raises(RuntimeError, match="configure_model built new layers.*make it idempotent"):
+        trainer(tmp_path, callbacks=[MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")]).fit(model, loader())
+    assert model.training_steps == 0
+
+
 def _fit_until_error(tmp_path, model=None, **options):
     model = model or TinyModule()
     cb = MajorityKernelCallback(**({"k": 2, "save_path": tmp_path / "small.pt"} | options))
@@ -233,7 +244,6 @@ def test_bad_setup_fails_before_any_training_step(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         _fit_until_error(tmp_path, model, **options)
     assert model.training_steps == 0
-    assert "configure_model" not in model.__dict__
 
 
 class NoKernels(TinyModule):

@@ -40,7 +40,7 @@ trainer:
     )
     cli = LightningCLI(TinyModule, TinyData, args=["fit", "--config", str(config)], save_config_callback=None)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, MajorityKernelCallback)]
-    assert (cb.k, cb.scheme) == (4, "select")
+    assert (cb.settings.k, cb.settings.scheme) == (4, "select")
     assert cli.model.training_steps == 2
     plain = TinyModule()
     plain.load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True), strict=True)

@@ -510,12 +510,13 @@ def test_collapsing_a_model_leaves_its_deep_copy_working():
 
 
 def test_draw_keys_mix_integers_explicitly_and_keep_earlier_draws():
-    from lightning_mk.kernels import _INIT_STEP, _NOISE_STEP, _key
+    from lightning_mk.apply import _INIT_STEP, _NOISE_STEP
+    from lightning_mk.parametrization import seed_of
 
     for ints in [(0, 1), (5, 3, 2), (123456, 0), (7,), (2**40, 9, 1)]:  # draw keys: seed, kernel[, rank] >= 0
-        assert _key(*ints) == hash(ints) & (2**63 - 1), "the draws of earlier versions are unchanged"
-    assert hash(-1) == hash(-2) and _key(-1) != _key(-2), "no two integers share a lane"
-    assert _key(0, _INIT_STEP, 0) != _key(0, _NOISE_STEP, 0)
+        assert seed_of(*ints) == hash(ints) & (2**63 - 1), "the draws of earlier versions are unchanged"
+    assert hash(-1) == hash(-2) and seed_of(-1) != seed_of(-2), "no two integers share a lane"
+    assert seed_of(0, _INIT_STEP, 0) != seed_of(0, _NOISE_STEP, 0)
 
 
 def test_initial_copies_and_their_noise_come_from_independent_streams():
@@ -580,3 +581,42 @@ def test_independent_copies_per_rank_draws_and_noise_level_are_pinned():
     layer.train()
     kernels.step = 5
     assert layer.weight.detach().flatten()[:3].tolist() == pytest.approx([-0.019129, -0.106477, 0.222646], abs=1e-6)
+
+
+def test_a_new_form_is_one_class_and_one_register_form_call(tmp_path):
+    """A toy form (copies stored doubled) works everywhere by name: raw API, callback, collapse, state."""
+    from lightning_mk import FORMS, Form, MajorityKernelCallback, register_form
+
+    class Doubled(Form):
+        name = "doubled"
+
+        def store(self, copies, weight, replicated):
+            return 2 * copies
+
+        def rows(self, stored):
+            return stored / 2
+
+        def copies(self, stored):
+            return stored / 2
+
+    register_form(Doubled())
+    try:
+        torch.manual_seed(0)
+        model, x = build("Linear")
+        plain = copy.deepcopy(model)
+        kernels = apply_majority_kernels(model, k=3, form="doubled", init_noise=0.2)
+        assert kernel_copies(model)["layer.weight"].shape == (3, 5, 6)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain(x)), "the deployed kernel is the copies' mean"
+        train_a_little(model, x)
+        model.eval()
+        with torch.no_grad():
+            expected = model(x)
+        small = kernels.collapsed_state_dict()
+        plain.load_state_dict(small, strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-6)
+        assert MajorityKernelCallback(k=2, form="doubled").settings.form == "doubled"
+    finally:
+        del FORMS["doubled"]

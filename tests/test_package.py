@@ -85,7 +85,7 @@ def test_the_core_works_with_torch_alone():
         """
         import torch
         from torch import nn
-        import lightning_mk.kernels, lightning_mk.schemes
+        import lightning_mk.apply, lightning_mk.collapsing, lightning_mk.forms, lightning_mk.parametrization, lightning_mk.schemes, lightning_mk.settings
         from lightning_mk import apply_majority_kernels
 
         torch.manual_seed(0)

@@ -15,7 +15,7 @@ from lightning.pytorch.demos.transformer import LightningTransformer, Transforme
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import trainer
-from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies, register_layer
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, copy_spread, kernel_copies, register_layer
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,11 +179,16 @@ def test_gpt2_layers_are_transformers_conv1d_a_built_in_type():
         register_layer(conv1d)
 
 
-def test_the_gpt2_example_runs(tmp_path):
+def test_the_gpt2_example_runs(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("hf_gpt2", os.path.join(ROOT, "examples", "hf_gpt2.py"))
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    made = []
+    monkeypatch.setattr(example, "MajorityKernelCallback", lambda **options: made.append(MajorityKernelCallback(**options)) or made[-1])
     losses = example.main(["--pretrain-steps", "5", "--finetune-steps", "5", "--k", "2", "--out", str(tmp_path)])
     assert losses["with copies at step 0"] == pytest.approx(losses["pretrained"], rel=1e-5)
     assert losses["fine-tuned"] < losses["pretrained"]
+    (mk,) = made  # fine-tuning lowers the loss with or without copies: check that they were there and drawn
+    assert mk.kernels.coverage.share > 0.9
+    assert min(copy_spread(mk.kernels.module).values()) > 0, "every kernel's copies were trained apart by the draws"
     assert os.path.isfile(tmp_path / "gpt2-mk" / "config.json")

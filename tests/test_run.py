@@ -13,6 +13,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+import lightning_mk.experiments.run as app
+from lightning_mk import copy_spread
 from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.run import METHODS, ConfigError, run, run_config
 
@@ -60,9 +62,15 @@ def small_params(cfg, data_shape=(40,), classes=10):
 
 @pytest.mark.parametrize("model", GROUPS["model"])
 @pytest.mark.parametrize("method", GROUPS["method"])
-def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, method, model):
+def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeypatch, method, model):
     cfg = config(tmp_path, f"method={method}", f"model={model}", "k=2", "data.module.num_samples=600", *TINY)
+    made = []  # the callbacks mk trains with
+    monkeypatch.setattr(app, "_callback", lambda *args, make=app._callback, **kw: made.append(make(*args, **kw)) or made[-1])
     result = run(cfg)
+    if method == "mk":  # its model has the small size however it trained: check that it trained with copies
+        (mk,) = made
+        assert mk.settings.k == 2 and mk.kernels.coverage.kernels > 0
+        assert max(copy_spread(mk.kernels.module).values()) > 0, "the copies were drawn and trained apart"
     line = json.loads((tmp_path / "results.jsonl").read_text())
     assert line == json.loads(json.dumps(result))
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "results.jsonl"], "one model file, whatever the method"
@@ -415,3 +423,25 @@ def test_the_main_jobs_experiments_give_each_method_its_tuned_setting(tmp_path, 
     cfg = config(tmp_path, f"experiment={experiment}", "method=baseline_reg")
     assert (cfg.method.dropout, cfg.method.weight_decay) == regularised
     assert (config(tmp_path, "method=baseline_reg").method.dropout) == 0.1, "without a tuned map: the defaults"
+
+
+def test_hparams_search_tunes_on_the_returned_validation_accuracy(tmp_path):
+    """hparams_search=lr drives Optuna with what main() returns (val_acc), one job per trial."""
+    sweep = tmp_path / "search"
+    done = _app("-m", "--config-dir", f"{EXAMPLES}/conf", "model=tiny", "data=blobs", "method=mk", "k=2", "trainer.max_epochs=1",
+                "logger=none", "hparams_search=lr", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((job / "results.jsonl").read_text()) for job in sorted(sweep.iterdir()) if (job / "results.jsonl").exists()]
+    assert len(results) == 2 and len({r["config"]["optimizer.lr"] for r in results}) == 2, "two trials, two learning rates"
+    with open(sweep / "optimization_results.yaml") as f:
+        best = yaml.safe_load(f)
+    assert best["best_value"] == max(r["val_acc"] for r in results)
+    assert best["best_params"]["optimizer.lr"] in {r["config"]["optimizer.lr"] for r in results}
+
+
+def test_the_slurm_launcher_config_composes(tmp_path):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.timeout_min, launcher.tasks_per_node, launcher.gpus_per_node) == (120, 1, 0)

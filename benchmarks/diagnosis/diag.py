@@ -34,7 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as diag_data  # noqa: E402
 
-from lightning_mk.kernels import _key32, apply_majority_kernels, kernel_copies  # noqa: E402
+from lightning_mk import apply_majority_kernels, kernel_copies  # noqa: E402
+from lightning_mk.parametrization import Draws  # noqa: E402
+from lightning_mk.settings import Settings  # noqa: E402
 from lightning_mk.schemes import Random, get_scheme  # noqa: E402
 
 torch.set_num_threads(1)
@@ -88,7 +90,7 @@ class Decoupled:
     def __call__(self, layer, args):
         if layer.training:
             self.step += 1
-            key = _key32(self.seed, self.index)  # as the library keys a kernel's draws
+            key = Draws(Settings(seed=self.seed)).key(self.index)  # as the library keys a kernel's draws
             layer.weight = layer.mu + self.deviation(layer, Random(key, Random.state_of(torch.tensor(self.step))))
         else:
             layer.weight = layer.mu.view_as(layer.mu)  # a Tensor, not the Parameter (which would register)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_mk.experiments.report import _t_interval, load_results, write_runs_csv
+from lightning_mk.experiments.report import mean_interval, load_results, write_runs_csv
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 
@@ -70,7 +70,7 @@ def main() -> None:
             train = np.array([new[s]["train_acc"] for s in sorted(new)]) * 100
             base = np.array([float(old[args.against][s]["test_acc"]) for s in seeds]) * 100
             diff = np.array([new[s]["test_acc"] for s in seeds]) * 100 - base
-            ci = _t_interval(diff)
+            ci = mean_interval(diff)
             shown = f"{diff.mean():+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "–"
             context = "".join(
                 f" {np.mean([float(r['test_acc']) for r in old[m].values()]) * 100:.2f} |" for m in args.also

@@ -97,25 +97,25 @@ def load_results(paths, metric: str = "test_acc") -> list[dict]:
     return runs
 
 
-def _t_interval(x: np.ndarray) -> tuple[float, float] | None:
-    """95% t-interval of the mean of ``x``; None below 2 values."""
+def mean_interval(x: np.ndarray) -> tuple[float, float] | None:
+    """95% t-interval of the mean of ``x`` (scipy's one-sample t-test); None below 2 values."""
     if len(x) < 2:
         return None
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean() - half), float(x.mean() + half)
+    if np.ptp(x) == 0:  # no spread: the interval is the value (scipy would warn of lost precision)
+        return float(x[0]), float(x[0])
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
+    return float(ci.low), float(ci.high)
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
-    """95% Welch interval of mean(a) - mean(b); None when a side has fewer than 2 values."""
+    """95% Welch interval of mean(a) - mean(b) (scipy's unequal-variance t-test); None when a side has fewer
+    than 2 values."""
     if len(a) < 2 or len(b) < 2:
         return None
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    d = a.mean() - b.mean()
-    if va + vb == 0:
-        return float(d), float(d)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
-    return float(d - half), float(d + half)
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return float(a[0] - b[0]), float(a[0] - b[0])
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(ci.low), float(ci.high)
 
 
 def _one(values: list):
@@ -185,7 +185,7 @@ def _row(runs: list[dict], metric: str, scale: float) -> dict:
         "n": len(values),
         "mean": float(values.mean()),
         "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-        "mean_ci": _t_interval(values),
+        "mean_ci": mean_interval(values),
         "params": _one([r["params"] for r in runs]),
         "deployable": all(r["deployable"] for r in runs),
         "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
@@ -251,7 +251,7 @@ def _compare(row: dict, rows: list[dict]) -> dict:
         return {"delta": None, "ci": None, "ci_kind": None, "reference": None, "note": note}
     a, b = np.array(row["values"]), np.array(ref["values"])
     paired = row["seeds"] == ref["seeds"] and len(set(row["seeds"])) == len(row["seeds"])
-    ci = _t_interval(a - b) if paired else _welch(a, b)
+    ci = mean_interval(a - b) if paired else _welch(a, b)
     return {"delta": row["mean"] - ref["mean"], "ci": ci, "ci_kind": "paired" if paired else "welch",
             "reference": ref["name"], "note": None}  # fmt: skip
 

@@ -1,0 +1,124 @@
+"""How a kernel's copies are stored, sampled and folded: :class:`Form`, the built-in forms and :func:`register_form`.
+
+A form owns the layout of the one trainable tensor that replaces a kernel ``W`` (shape ``S``): how it is made
+from the initial copies, which of its rows the scheme combines in a training step, the training kernel made
+from that combination, the deployed (eval-mode) kernel, the ``[k, *S]`` copies it stands for, and their
+spread. Add your own with :func:`register_form`; it is then selectable by name everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Form", "Copies", "Decoupled", "FORMS", "register_form", "get_form"]
+
+
+class Form:
+    """A way to store a kernel's ``k`` copies. The defaults store the copies themselves (:class:`Copies`);
+    a form overrides what differs, keeping every training kernel an unbiased draw around :meth:`deployed`."""
+
+    name: str = ""
+    extra_rows = 0  #: rows the stored tensor has besides one per copy
+
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+        """The stored tensor of a kernel whose initial copies are ``copies`` (made from ``weight``; all equal
+        to it, before any noise, when ``replicated``)."""
+        return copies
+
+    def rows(self, stored: Tensor) -> Tensor:
+        """The ``[k, *S]`` rows the scheme combines in a training step (their gradients are scaled by
+        ``grad_scale``)."""
+        return stored
+
+    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+        """The training kernel, from the scheme's combination of ``rows``."""
+        return combined
+
+    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
+        """The eval-mode kernel, which the noise level shrinks a sample towards and collapsing keeps."""
+        return rows.mean(0)
+
+    def copies(self, stored: Tensor) -> Tensor:
+        """The ``[k, *S]`` copies the stored tensor stands for."""
+        return stored
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        """RMS distance of the copies from the deployed kernel, relative to its RMS, from ``rows`` ``first``,
+        ``first + 1``, ... of the stored tensor (all ``n_rows`` of them, or this process's share: ``total``
+        sums a tensor over the processes holding the others)."""
+        k = n_rows - self.extra_rows
+        center = total(rows.sum(0)) / k
+        return _relative(total((rows - center).pow(2).sum().reshape(1)), k, center)
+
+
+class Copies(Form):
+    """Store the ``k`` copies (``[k, *S]``): a step combines them, the deployed kernel is their mean, which
+    gets 1/k of the sampled kernel's gradient (it trains k times slower than the plain model under SGD)."""
+
+    name = "copies"
+
+
+class Decoupled(Form):
+    """Store the deployed kernel ``mu`` and ``k`` deviations (``[k + 1, *S]``, ``mu`` first): the copies are
+    ``mu + delta_i - mean(delta)``, a step trains ``mu + combine(delta) - mean(delta)``, so ``mu`` gets the
+    plain model's gradient (with all deviations zero this is plain training, under any optimizer)."""
+
+    name = "decoupled"
+    extra_rows = 1
+
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+        mu = weight.detach().clone() if replicated else copies.mean(0)
+        return torch.cat([mu.unsqueeze(0), copies - mu])
+
+    def rows(self, stored: Tensor) -> Tensor:
+        return stored[1:]
+
+    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+        return stored[0] + (combined - rows.mean(0))  # unbiased around mu for every scheme
+
+    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
+        return stored[0]
+
+    def copies(self, stored: Tensor) -> Tensor:
+        deviations = stored[1:]
+        return stored[0] + (deviations - deviations.mean(0))
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        # the copies' offsets from mu are the deviations' offsets from their mean
+        k = n_rows - 1
+        deviations = rows[1:] if first == 0 else rows
+        mu = rows[0] if first == 0 and len(rows) else rows.new_zeros(rows.shape[1:])
+        mu, center = total(torch.stack([mu, deviations.sum(0)]))
+        return _relative(total((deviations - center / k).pow(2).sum().reshape(1)), k, mu)
+
+
+def _relative(distance: Tensor, k: int, center: Tensor) -> float:
+    """sqrt(mean squared distance over k copies) / RMS of ``center``, from the summed squared distance."""
+    return (distance / (k * center.pow(2).sum().clamp_min(1e-24))).sqrt().item()
+
+
+#: The forms, by name (``copies`` and ``decoupled`` built in).
+FORMS: dict[str, Form] = {}
+
+
+def register_form(form: Form) -> Form:
+    """Make ``form`` (an instance) selectable by its ``name`` everywhere: the callback, the raw API, configs."""
+    if not isinstance(form, Form):
+        raise TypeError(f"register_form takes a Form instance, got {form!r}")
+    if not isinstance(form.name, str) or not form.name or form.name in FORMS:
+        raise ValueError(f"a form needs a new, non-empty name; registered: {list(FORMS)}, got {form.name!r}")
+    FORMS[form.name] = form
+    return form
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise ValueError(f"unknown form {name!r}; valid forms: {list(FORMS)}")
+    return FORMS[name]
+
+
+register_form(Copies())
+register_form(Decoupled())

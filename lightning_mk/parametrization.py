@@ -1,0 +1,235 @@
+"""The parametrization that draws and combines a kernel's copies (:class:`MajorityKernel`), and the draws its
+kernels share (:class:`Draws`).
+
+Draws are pure tensor functions of ``(seed, step, kernel index)`` (:class:`~lightning_mk.schemes.Random`),
+so every process of a data-parallel run samples the same coefficients with no communication, tied
+weights share one draw, a re-run forward (activation checkpointing) sees the same kernel, and
+``torch.compile`` traces the draw into the model's graph (``fullgraph=True`` holds).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_mk.forms import get_form
+from lightning_mk.schemes import Random, get_scheme
+from lightning_mk.settings import Settings
+
+__all__ = ["MajorityKernel", "Draws", "majority_kernels", "has_majority_kernels", "kernel_settings", "seed_of"]
+
+_M64 = 2**64 - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261  # xxHash64's primes
+
+
+def seed_of(*ints: int) -> int:
+    """A 63-bit generator seed from integers, the same in every process and for every value: the mixing
+    of CPython's tuple hash (xxHash64's round) written out, each integer its own 64-bit lane. ``hash``
+    itself maps an int to a lane with ``hash(-1) == hash(-2)``; for integers in ``[0, 2**61 - 1)`` the
+    lanes, and so the keys of earlier versions' draws, are the same."""
+    acc = _P5
+    for value in ints:
+        acc = (acc + (value & _M64) * _P2) & _M64
+        acc = ((acc << 31) | (acc >> 33)) & _M64
+        acc = (acc * _P1) & _M64
+    acc = (acc + (len(ints) ^ (_P5 ^ 3527539))) & _M64
+    return (1546275796 if acc == _M64 else acc) & (2**63 - 1)
+
+
+class Draws(nn.Module):
+    """The seed, draw counter and noise level shared by all kernels of one model.
+
+    The counter, its hash (the ``state`` every kernel's :class:`~lightning_mk.schemes.Random` starts
+    from, computed once per step rather than once per kernel) and the noise level are 0-dim buffers (not
+    saved in the module's state: the handle's and the callback's ``state_dict`` hold them) that move with
+    the module and are updated in place, so a compiled forward reads them as inputs rather than guarding
+    on their values. As a forward pre-hook on the root module it advances the counter once per training
+    forward; the Lightning callback instead sets ``step`` itself once per optimizer step. ``noise`` (>= 0)
+    scales each draw's deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode kernel
+    itself); the callback sets it every step (and anneals it). ``rank`` (None: every process draws the
+    same) gives each data-parallel process its own draws.
+    """
+
+    def __init__(self, settings: Settings, rank: Optional[int] = None, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.seed = int(settings.seed)
+        self.rank = None if rank is None else int(rank)
+        self.register_buffer("counter", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("state", Random.state_of(self.counter), persistent=False)  # the kernels' Random state
+        self.register_buffer("level", torch.ones((), device=device), persistent=False)
+        self._noise = 1.0  # the level as given (the buffer holds it in the kernels' precision)
+        self.noisy = False  # level != 1: a Python flag, so the default level costs no lerp
+
+    @property
+    def step(self) -> int:
+        return int(self.counter)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        with torch.no_grad():
+            self.counter.fill_(int(value))
+        self._hash_counter()
+
+    def _hash_counter(self) -> None:
+        with torch.no_grad():
+            self.state.copy_(Random.state_of(self.counter))
+
+    @property
+    def noise(self) -> float:
+        return self._noise
+
+    @noise.setter
+    def noise(self, value: float) -> None:
+        self._noise = float(value)
+        with torch.no_grad():
+            self.level.fill_(self._noise)
+        self.noisy = self.noisy or self._noise != 1.0
+
+    def key(self, index: int) -> int:
+        """The 32-bit draw key of kernel ``index`` (its draws at each step are keyed by this and the counter)."""
+        ints = (self.seed, index) if self.rank is None else (self.seed, index, self.rank)
+        return seed_of(*ints) & 0xFFFFFFFF
+
+    @torch.compiler.disable  # eager, outside the model's graph: a compiled training forward is one graph
+    def forward(self, module: nn.Module, args: tuple) -> None:
+        if module.training:
+            with torch.no_grad():
+                self.counter.add_(1)
+            self._hash_counter()
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale``: changes the copies' learning rate, not the value."""
+
+    @staticmethod
+    def forward(ctx, copies: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return copies.view_as(copies)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def kernel_settings(value: Any) -> Optional[dict]:
+    """``{"k", "scheme", "form"}`` from a majority kernel's extra state (a state saved before forms
+    existed is ``"copies"``); None for any other value."""
+    if not (isinstance(value, Tensor) and value.dtype == torch.uint8 and value.dim() == 1):
+        return None
+    try:
+        settings = json.loads(bytes(value.tolist()))
+    except ValueError:
+        return None
+    if not (isinstance(settings, dict) and set(settings) in ({"k", "scheme"}, {"k", "scheme", "form"})):
+        return None
+    return {"form": "copies"} | settings
+
+
+class MajorityKernel(nn.Module):
+    """Parametrization of the stored tensor to the kernel ``S``: in training a random combination of the
+    copies (drawn by the scheme, shaped by the form), in eval the deployed kernel (their mean, or ``mu``).
+
+    Registered with ``unsafe=True``, as the stored tensor has another shape than the kernel (``dims``
+    dimensions): the stored tensor is put in the layer's place first, so that every holder of a tied weight
+    registers the same one, and :meth:`right_inverse` passes a tensor of the stored layout through (rather
+    than resizing the layer's own parameter in place at registration, ``original.set_``, which a tied
+    holder would then see resized and DeepSpeed ZeRO-3's partitioned parameters do not allow). Assigning
+    a plain kernel, ``layer.weight = w``, makes every copy ``w``.
+    """
+
+    def __init__(self, settings: Settings, index: int, draws: Draws, dims: int) -> None:
+        super().__init__()
+        self.settings = settings
+        self.index = index
+        self.draws = draws
+        self.dims = dims
+        self.grad_scale = settings.gradient_scale
+        self._scheme = get_scheme(settings.scheme)
+        self._form = get_form(settings.form)
+        self.key = draws.key(index)
+        self._cache: Optional[tuple] = None
+
+    traceable = True  # False: run eagerly under torch.compile (a graph break per kernel)
+
+    def forward(self, stored: Tensor) -> Tensor:
+        if not self.traceable:
+            return self._eager(stored)
+        return self._kernel(stored)
+
+    @torch.compiler.disable
+    def _eager(self, stored: Tensor) -> Tensor:
+        return self._kernel(stored)
+
+    def _kernel(self, stored: Tensor) -> Tensor:
+        if not self.training:
+            return self._deployed(stored)
+        rows = self._form.rows(stored)
+        if self.grad_scale != 1.0:
+            rows = _ScaleGrad.apply(rows, self.grad_scale)
+        kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state)))
+        if self.draws.noisy:
+            kernel = torch.lerp(self._form.deployed(stored, rows), kernel, self.draws.level.to(kernel.dtype))
+        return kernel
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """A stored tensor as it is; a plain kernel as the stored tensor whose copies all equal it (its
+        deployed kernel is ``value``)."""
+        if value.dim() == self.dims + 1:
+            return value
+        return self._form.store(value.unsqueeze(0).repeat(self.settings.k, *[1] * value.dim()), value, replicated=True)
+
+    def train(self, mode: bool = True) -> "MajorityKernel":
+        self._cache = None
+        return super().train(mode)
+
+    def _deployed(self, stored: Tensor) -> Tensor:
+        """The deployed kernel; without autograd (validation, inference) computed once per eval period and
+        change of the stored tensor (an in-place update or a state load bumps its version counter)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._form.deployed(stored, self._form.rows(stored))
+        stamp = (stored.data_ptr(), stored._version, stored.dtype, stored.device)
+        if self._cache is None or self._cache[0] != stamp:
+            self._cache = (stamp, self._form.deployed(stored, self._form.rows(stored)))
+        return self._cache[1]
+
+    def get_extra_state(self) -> Tensor:
+        """``k``, the scheme and the form, as JSON in a uint8 tensor: distributed checkpoints (FSDP's
+        sharded state dict, ``torch.distributed.checkpoint``) expect tensors in a model's state."""
+        settings = {name: getattr(self.settings, name) for name in ("k", "scheme", "form")}
+        return torch.frombuffer(bytearray(json.dumps(settings).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Tensor) -> None:
+        saved = kernel_settings(state)
+        if saved is None:
+            raise ValueError(f"the state being loaded has no majority-kernel settings where this model has them: {state!r}")
+        k, scheme, form = self.settings.k, self.settings.scheme, self.settings.form
+        if (saved["k"], saved["scheme"], saved["form"]) != (k, scheme, form):
+            raise ValueError(
+                f"the state being loaded has majority kernels with k={saved['k']}, scheme={saved['scheme']!r}, "
+                f"form={saved['form']!r}, but this model has k={k}, scheme={scheme!r}, form={form!r}; "
+                "use the same k, scheme and form to resume"
+            )
+
+    def extra_repr(self) -> str:
+        settings = f"k={self.settings.k}, scheme={self.settings.scheme!r}, form={self.settings.form!r}"
+        return f"{settings}, index={self.index}, grad_scale={self.grad_scale:g}"
+
+
+def majority_kernels(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, MajorityKernel, Tensor]]:
+    """(state-dict prefix, layer, parameter name, kernel, stored tensor) for every majority kernel, once
+    per path to it (a shared module appears under each of its names, as in ``state_dict``)."""
+    for name, layer in module.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(layer):
+            continue
+        for pname, plist in layer.parametrizations.items():
+            if isinstance(plist[0], MajorityKernel):
+                yield (f"{name}." if name else ""), layer, pname, plist[0], plist.original
+
+
+def has_majority_kernels(module: nn.Module) -> bool:
+    return next(majority_kernels(module), None) is not None

@@ -36,6 +36,7 @@ from torch import nn
 
 from lightning_mk.atomic import write_atomically
 from lightning_mk.experiments.distill import Distiller, Ensemble
+from lightning_mk.experiments import schema  # noqa: F401  (registers method.callback's schema and resolver)
 from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.report import is_number
 from lightning_mk.experiments.submodular import OBJECTIVES, prune_to_width

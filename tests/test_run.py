@@ -16,7 +16,7 @@ from omegaconf import open_dict
 import lightning_mk.experiments.run as app
 from lightning_mk import copy_spread
 from lightning_mk.experiments.models import Classifier
-from lightning_mk.experiments.run import METHODS, ConfigError, run, run_config
+from lightning_mk.experiments.run import ConfigError, method_of, run, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -31,13 +31,13 @@ def config(tmp_path, *overrides):
         return compose("config", overrides=[f"output_dir={tmp_path}", *overrides])
 
 
-def test_the_method_registry_is_what_the_configs_name():
-    names = {}
-    for option in GROUPS["method"]:
-        with open(os.path.join(CONF, "method", option + ".yaml")) as f:
-            names[option] = yaml.safe_load(f)["name"]
-    assert names == {name: name for name in METHODS}, "one conf/method/<name>.yaml per registered method"
-    assert {name for name, m in METHODS.items() if not m.uses_k} == {"baseline", "baseline_reg"}
+def test_the_method_group_is_the_list_of_methods(tmp_path):
+    """Each conf/method/<name>.yaml names its function, which the app runs; no list of methods elsewhere."""
+    chosen = {option: method_of(config(tmp_path, f"method={option}")) for option in GROUPS["method"]}
+    assert {option: m.train.__name__ for option, m in chosen.items()} == {option: option for option in GROUPS["method"]}
+    assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg"}
+    with pytest.raises(ConfigError, match="config key 'method.train' must name a function decorated with"):
+        method_of(config(tmp_path, "method=mk", "method.train=lightning_mk.experiments.run.Runner"))
 
 
 @pytest.mark.parametrize("data, model, method", list(itertools.product(GROUPS["data"], GROUPS["model"], GROUPS["method"])))
@@ -75,7 +75,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     assert line == json.loads(json.dumps(result))
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "results.jsonl"], "one model file, whatever the method"
     assert "latency_ms" not in result and 0 <= result["val_acc"] <= 1
-    assert result["config"] == run_config(cfg, METHODS[method].uses_k) and result["config"]["model.net.n"] == cfg.model.net.n
+    assert result["config"] == run_config(cfg, method_of(cfg).uses_k) and result["config"]["model.net.n"] == cfg.model.net.n
     assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg"))
     baseline_params = small_params(cfg)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -177,7 +177,7 @@ def _duplicates(tmp_path, fixed, jobs):
     seen, duplicates = set(), []
     for job in jobs:
         cfg = config(tmp_path, *fixed, *job)
-        key = (cfg.task, json.dumps(run_config(cfg, METHODS[cfg.method.name].uses_k), sort_keys=True), cfg.seed)
+        key = (cfg.task, json.dumps(run_config(cfg, method_of(cfg).uses_k), sort_keys=True), cfg.seed)
         if key in seen:
             duplicates.append(job)
         seen.add(key)
@@ -281,8 +281,8 @@ def test_unknown_method_names_the_allowed_ones(tmp_path):
         config(tmp_path, "method=magic")
     cfg = config(tmp_path)
     with open_dict(cfg):
-        cfg.method.name = "magic"
-    with pytest.raises(ConfigError, match=r"config key 'method' is 'magic'; allowed: \['baseline', 'baseline_reg', 'mk'"):
+        cfg.method.train = "lightning_mk.experiments.run.magic"
+    with pytest.raises(ConfigError, match=r"config key 'method.train' is 'lightning_mk.experiments.run.magic', which cannot be imported"):
         run(cfg)
 
 

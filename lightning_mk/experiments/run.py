@@ -54,9 +54,9 @@ class ConfigError(ValueError):
 
 
 class Method(NamedTuple):
-    """A method of the study, selected by ``method.name``. ``train`` returns the deployable model and whether it
-    has the small model's size; ``check`` sees the config before anything is made, ``check_data`` the runner once
-    the data is made (both raise :class:`ConfigError`)."""
+    """What the app needs to know of a method's function. ``train`` returns the deployable model and whether it
+    has the small model's size; ``uses_k``: whether ``k`` changes what it does; ``check`` sees the config before
+    anything is made, ``check_data`` the runner once the data is made (both raise :class:`ConfigError`)."""
 
     train: Callable[["Runner"], tuple[pl.LightningModule, bool]]
     uses_k: bool
@@ -64,26 +64,36 @@ class Method(NamedTuple):
     check_data: Optional[Callable[["Runner"], object]]
 
 
-#: The methods, by name: the one list the config check, the results and the tests read.
-METHODS: dict[str, Method] = {}
-
-
 def method(uses_k: bool, check=None, check_data=None):
-    """Register the decorated function as the method of its name; ``uses_k``: whether ``k`` changes what it does."""
+    """Make the decorated function a method that a config of the ``method`` group (the one list of methods:
+    ``conf/method/<name>.yaml``) can name by its dotted path, ``train: lightning_mk.experiments.run.mk``."""
 
-    def register(train):
-        METHODS[train.__name__] = Method(train, uses_k, check, check_data)
+    def mark(train):
+        train.method = Method(train, uses_k, check, check_data)
         return train
 
-    return register
+    return mark
+
+
+def method_of(cfg: DictConfig) -> Method:
+    """The method that ``method.train`` names."""
+    target = cfg.method.get("train")
+    try:
+        found = get_object(str(target))
+    except Exception as err:
+        raise ConfigError(f"config key 'method.train' is {target!r}, which cannot be imported ({err})") from None
+    if not isinstance(getattr(found, "method", None), Method):
+        raise ConfigError(
+            f"config key 'method.train' must name a function decorated with lightning_mk.experiments.run.method, "
+            f"got {target!r}"
+        )
+    return found.method
 
 
 def check_config(cfg: DictConfig) -> Method:
     """Fail fast, naming the key and the allowed values; return the selected method."""
+    chosen = method_of(cfg)
     name = cfg.method.name
-    if name not in METHODS:
-        raise ConfigError(f"config key 'method' is {name!r}; allowed: {list(METHODS)}")
-    chosen = METHODS[name]
     k = cfg.k
     if chosen.uses_k and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
         raise ConfigError(f"config key 'k' must be an integer >= 2 for method={name}, got {k!r}")
@@ -512,5 +522,7 @@ def main(cfg: DictConfig) -> float:
     return val_acc
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run the importable module's main, so configs name its functions, not __main__'s
+    from lightning_mk.experiments.run import main as _main
+
+    _main()

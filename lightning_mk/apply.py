@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from lightning_mk.collapsing import collapse, collapsed_state_dict
 from lightning_mk.forms import get_form
 from lightning_mk.layers import check_resettable, choose_layers, coverage_of, eligible_layers, resolve_layer_types
-from lightning_mk.parametrization import Draws, MajorityKernel, has_majority_kernels, seed_of
+from lightning_mk.parametrization import Draws, MajorityKernel, compile_boundaries, has_majority_kernels, seed_of
 from lightning_mk.settings import Settings
 
 __all__ = ["MajorityKernels", "apply_majority_kernels"]
@@ -122,6 +122,7 @@ def apply_majority_kernels(
     the eval-mode model is exactly the loaded one; a state with copies loads them as they are.
     """
     settings = Settings(**options) if settings is None else dataclasses.replace(settings, **options)
+    compile_boundaries()
     if has_majority_kernels(module):
         raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
     eligible = eligible_layers(module, resolve_layer_types(settings.layer_types), settings.biases)

@@ -95,8 +95,7 @@ class Draws(nn.Module):
         ints = (self.seed, index) if self.rank is None else (self.seed, index, self.rank)
         return seed_of(*ints) & 0xFFFFFFFF
 
-    @torch.compiler.disable  # eager, outside the model's graph: a compiled training forward is one graph
-    def forward(self, module: nn.Module, args: tuple) -> None:
+    def forward(self, module: nn.Module, args: tuple) -> None:  # outside compiled graphs: see compile_boundaries
         if module.training:
             with torch.no_grad():
                 self.counter.add_(1)
@@ -161,8 +160,7 @@ class MajorityKernel(nn.Module):
             return self._eager(stored)
         return self._kernel(stored)
 
-    @torch.compiler.disable
-    def _eager(self, stored: Tensor) -> Tensor:
+    def _eager(self, stored: Tensor) -> Tensor:  # outside compiled graphs: see compile_boundaries
         return self._kernel(stored)
 
     def _kernel(self, stored: Tensor) -> Tensor:
@@ -218,6 +216,16 @@ class MajorityKernel(nn.Module):
     def extra_repr(self) -> str:
         settings = f"k={self.settings.k}, scheme={self.settings.scheme!r}, form={self.settings.form!r}"
         return f"{settings}, index={self.index}, grad_scale={self.grad_scale:g}"
+
+
+def compile_boundaries() -> None:
+    """Run the draw-step hook (a compiled training forward is then the model's graph alone) and a kernel marked
+    not ``traceable`` outside ``torch.compile``'s graphs. Done once, when majority kernels are first applied,
+    rather than at import: ``torch.compiler.disable`` imports ``torch._dynamo``, about a second."""
+    if not getattr(Draws, "_outside_graphs", False):
+        Draws.forward = torch.compiler.disable(Draws.forward)
+        MajorityKernel._eager = torch.compiler.disable(MajorityKernel._eager)
+        Draws._outside_graphs = True
 
 
 def majority_kernels(module: nn.Module) -> Iterator[tuple[str, nn.Module, str, MajorityKernel, Tensor]]:

@@ -85,8 +85,10 @@ def test_the_core_works_with_torch_alone():
         """
         import torch
         from torch import nn
+        import sys
         import lightning_mk.apply, lightning_mk.collapsing, lightning_mk.forms, lightning_mk.parametrization, lightning_mk.schemes, lightning_mk.settings
         from lightning_mk import apply_majority_kernels
+        assert "torch._dynamo" not in sys.modules, "importing the raw API must not import torch._dynamo (a second)"
 
         torch.manual_seed(0)
         kernels = apply_majority_kernels(nn.Linear(4, 3), k=2, init="independent")

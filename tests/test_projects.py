@@ -41,9 +41,9 @@ def test_the_templates_train_multirun_and_eval_work_unchanged(tmp_path):
         checkpoint = torch.load(trained["best"], weights_only=False)
         assert checkpoint["callbacks"]["MajorityKernelCallback"]["k"] == k
         assert isinstance(checkpoint["hyper_parameters"]["net"], DenseNet), "the plain network, pickled"
-        _hydra("eval.py", f"ckpt_path={trained['best']}", f"hydra.run.dir={tmp_path / job / 'eval'}")
-        with open(tmp_path / job / "eval" / "result.json") as f:
-            assert json.load(f)["test_acc"] == trained["test_acc"], "the deployed model, with or without the callback"
+    _hydra("eval.py", f"ckpt_path={trained['best']}", f"hydra.run.dir={tmp_path / 'eval'}")  # the k=4 job's
+    with open(tmp_path / "eval" / "result.json") as f:
+        assert json.load(f)["test_acc"] == trained["test_acc"], "the deployed model, with or without the callback"
 
 
 def _fit_template_module(root, max_epochs, form, ckpt_path=None):

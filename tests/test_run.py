@@ -379,10 +379,7 @@ def test_a_config_error_leaves_no_run_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["multirun.yaml"], "the sweep's record only"
 
 
-@pytest.mark.parametrize(
-    "option, message",
-    [("scheme=nope", "unknown scheme 'nope'; valid schemes: ["), ("noise=-1", "noise must be a number >= 0")],
-)
+@pytest.mark.parametrize("option, message", [("scheme=nope", "unknown scheme 'nope'; valid schemes: [")])  # others: in-process
 def test_a_bad_callback_option_fails_before_any_logger(tmp_path, option, message):
     """The config check makes the callback, so what it refuses fails before W&B (the default logger) starts."""
     done = _app(f"hydra.run.dir={tmp_path / 'run'}", "method=mk", f"method.callback.{option}", cwd=tmp_path)

@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from lightning_mk.collapsing import collapse, collapsed_state_dict
 from lightning_mk.forms import get_form
 from lightning_mk.layers import check_resettable, choose_layers, coverage_of, eligible_layers, resolve_layer_types
+from lightning_mk import parametrization
 from lightning_mk.parametrization import Draws, MajorityKernel, compile_boundaries, has_majority_kernels, seed_of
 from lightning_mk.settings import Settings
 
@@ -161,6 +162,10 @@ def apply_majority_kernels(
             setattr(layer, pname, stored)  # every holder registers the one stored tensor (MajorityKernel says why)
             parametrize.register_parametrization(layer, pname, kernel, unsafe=True)
             layer.register_load_state_dict_pre_hook(_LoadPlain(pname))
+    for layer in {id(layer): layer for uses in users.values() for _, layer, _ in uses}.values():
+        if isinstance(layer, nn.RNNBase):  # reads each weight about 2.5 times per forward: draw each once
+            layer.register_forward_pre_hook(parametrization.enter_cache)
+            layer.register_forward_hook(parametrization.exit_cache, always_call=True)
     if step_on_forward:
         module.register_forward_pre_hook(draws)
     return MajorityKernels(module, settings, draws, coverage)

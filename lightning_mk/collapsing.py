@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_mk.forms import get_form
+from lightning_mk import parametrization
 from lightning_mk.parametrization import Draws, kernel_settings, majority_kernels
 
 __all__ = ["collapse", "collapsed_state_dict", "kernel_copies", "copy_spread"]
@@ -120,9 +121,13 @@ def collapse(module: nn.Module) -> nn.Module:
         for stored, form in sets.values():
             stored.set_(_deployed(stored, form))
             stored.grad = None
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if isinstance(hook, Draws):
-            del module._forward_pre_hooks[key]
+    ours = (parametrization.enter_cache, parametrization.exit_cache)
+    for owner in (module, *(layer for layer, _ in targets.values())):  # the step hook, the layers' cache hooks
+        for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if isinstance(hook, Draws) or hook in ours:
+                    del hooks[key]
+                    owner._forward_hooks_always_called.pop(key, None)
     return module
 
 

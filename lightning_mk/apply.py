@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_mk import parametrization
 from lightning_mk.collapsing import collapse, collapsed_state_dict
 from lightning_mk.forms import get_form
 from lightning_mk.layers import check_resettable, choose_layers, coverage_of, eligible_layers, resolve_layer_types
-from lightning_mk import parametrization
 from lightning_mk.parametrization import Draws, MajorityKernel, compile_boundaries, has_majority_kernels, seed_of
 from lightning_mk.settings import Settings
 

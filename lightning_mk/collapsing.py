@@ -11,17 +11,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_mk.forms import get_form
 from lightning_mk import parametrization
+from lightning_mk.forms import get_form
 from lightning_mk.parametrization import Draws, kernel_settings, majority_kernels
 
 __all__ = ["collapse", "collapsed_state_dict", "kernel_copies", "copy_spread"]
 
 
 def _deployed(stored: Tensor, form: str) -> Tensor:
-    """The eval-mode kernel as a new tensor (saving it does not save the whole stored tensor)."""
+    """The eval-mode kernel as a tensor of its own (saving it does not save the whole stored tensor): a view of
+    the stored tensor (decoupled's ``mu``) is copied, a computed one (the copies' mean) is new already."""
     form_ = get_form(form)
-    return form_.deployed(stored, form_.rows(stored)).clone()
+    deployed = form_.deployed(stored, form_.rows(stored))
+    return deployed.clone() if deployed._is_view() else deployed
 
 
 def kernel_copies(module: nn.Module) -> dict[str, Tensor]:

@@ -242,8 +242,7 @@ def eligible_layers(module: nn.Module, layer_types: tuple[LayerType, ...], biase
 
 
 def choose_layers(eligible: dict[str, list], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise TypeError("include and exclude take a list of glob patterns, e.g. include=['encoder.*']")
+    """The eligible layers ``include`` names and ``exclude`` does not (lists of globs, as ``Settings`` checked)."""
     for key, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
             if not fnmatch.filter(eligible, pattern):

@@ -608,7 +608,7 @@ def test_a_new_form_is_one_class_and_one_register_form_call(tmp_path):
         assert kernel_copies(model)["layer.weight"].shape == (3, 5, 6)
         model.eval()
         with torch.no_grad():
-            torch.testing.assert_close(model(x), plain(x)), "the deployed kernel is the copies' mean"
+            torch.testing.assert_close(model(x), plain(x), msg="the deployed kernel is the copies' mean")
         train_a_little(model, x)
         model.eval()
         with torch.no_grad():

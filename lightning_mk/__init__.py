@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "MajorityKernelCallback": "lightning_mk.callback",
+    "NoiseOnGap": "lightning_mk.control",
     "Settings": "lightning_mk.settings",
     "MajorityKernels": "lightning_mk.apply",
     "apply_majority_kernels": "lightning_mk.apply",
@@ -31,6 +32,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_mk.apply import MajorityKernels, apply_majority_kernels
     from lightning_mk.callback import MajorityKernelCallback
+    from lightning_mk.control import NoiseOnGap
     from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread, kernel_copies
     from lightning_mk.forms import FORMS, Form, register_form
     from lightning_mk.layers import register_layer

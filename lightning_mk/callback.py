@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import posixpath
+import re
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ from typing_extensions import override
 
 from lightning_mk.apply import MajorityKernels, apply_majority_kernels
 from lightning_mk.atomic import write_atomically
+from lightning_mk.control import NoiseOnGap
 from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread
 from lightning_mk.layers import Coverage
 from lightning_mk.parametrization import MajorityKernel, has_majority_kernels
@@ -86,9 +88,20 @@ class MajorityKernelCallback(Callback):
         save_path: Optional[Union[str, os.PathLike]] = None,
         collapse_module: bool = False,
         log_spread: bool = True,
+        monitor: Optional[str] = "auto",
+        form: str = "relative",
+        noise: float = 0.3,
+        decay: float = 5e-4,
         **settings: Any,
     ) -> None:
-        self.settings = Settings(**settings)
+        self.settings = Settings(form=form, noise=noise, decay=decay, **settings)
+        if monitor is not None and not (isinstance(monitor, str) and monitor):
+            raise ValueError(f"monitor names the logged validation loss (e.g. 'val_loss'), or is 'auto' or None; got {monitor!r}")
+        self.monitor = monitor
+        #: The noise level's controller when ``monitor`` is set (its ceiling is ``noise``), else None.
+        self.control = None if monitor is None else NoiseOnGap(self.settings.noise)
+        self._unmeasured: Optional[str] = None  # with monitor="auto": why the level stays at zero (warned once)
+        self._train_loss: tuple[Any, int] = (0.0, 0)  # sum and count of the training losses since the last validation
         flags = dict(anneal_noise=anneal_noise, per_rank_noise=per_rank_noise, collapse_module=collapse_module)
         for name, flag in (flags | {"log_spread": log_spread}).items():
             if not isinstance(flag, bool):
@@ -105,6 +118,12 @@ class MajorityKernelCallback(Callback):
         #: The file the current (or last) fit writes the small model to: ``save_path``, or its default.
         self.small_model_path = self.save_path
         self._total_steps = 0  # optimizer steps in this fit, for anneal_noise
+
+    @classmethod
+    def published(cls, **options: Any) -> "MajorityKernelCallback":
+        """Majority Kernels as published: the copies themselves (``form="copies"``), their mean deployed, every
+        draw at full noise, no controller and no decay; ``options`` as for the constructor."""
+        return cls(**(dict(form="copies", noise=1.0, decay=0.0, monitor=None) | options))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -207,7 +226,54 @@ class MajorityKernelCallback(Callback):
         # set every step (the buffers may have been re-materialised since setup); annealed by optimizer steps
         # taken, so a resumed run continues the schedule
         anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
-        self.kernels.draws.noise = self.settings.noise * anneal
+        level = self.settings.noise if self.control is None else self.control.level
+        self.kernels.draws.noise = level * anneal
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.control is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            self._unmeasurable(
+                f"MajorityKernelCallback(monitor={self.monitor!r}) compares the training loss with the validation loss, "
+                f"and training_step returned {type(outputs).__name__}: return the loss (or a dict with 'loss')",
+                TypeError,
+            )
+            return
+        scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1  # Lightning divided it
+        total, count = self._train_loss
+        self._train_loss = (loss.detach().float() * scale + total, count + 1)  # no device sync per step
+
+    def _unmeasurable(self, message: str, error: type) -> None:
+        """A loss the controller needs is missing: an error for a named ``monitor``; with ``monitor="auto"`` the
+        level stays where it is (zero: plain training), with one warning."""
+        if self.monitor != "auto":
+            raise error(message)
+        if self._unmeasured is None:
+            self._unmeasured = message
+            rank_zero_warn(f"{message}. Until it is, the noise level stays at {self.control.level:g}")
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.control is None or not self._fitting or trainer.sanity_checking:
+            return
+        name = _validation_loss(trainer.callback_metrics) if self.monitor == "auto" else self.monitor
+        if name not in trainer.callback_metrics:
+            self._unmeasurable(
+                f"MajorityKernelCallback(monitor={self.monitor!r}) sets the noise level from the validation loss, which "
+                f"was not logged (logged: {sorted(trainer.callback_metrics)}); log it, or name it with monitor=",
+                KeyError,
+            )
+            return
+        value = trainer.callback_metrics[name]
+        total, count = self._train_loss
+        if count == 0:  # a validation without training since the last one
+            return
+        # every rank's training loss and rank zero's validation loss, so that all ranks draw at one level
+        train = trainer.strategy.reduce(torch.as_tensor(total / count, device=pl_module.device), reduce_op="mean")
+        self.control.update(float(train), trainer.strategy.broadcast(float(value), src=0))
+        self._train_loss = (0.0, 0)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -215,6 +281,8 @@ class MajorityKernelCallback(Callback):
             spread = _copy_spread(trainer.strategy)
             metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
             metrics["mk/spread"] = sum(spread.values()) / len(spread)
+            if self.control is not None:
+                metrics["mk/noise"] = self.control.level
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
 
     @override
@@ -246,7 +314,10 @@ class MajorityKernelCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.settings.resumed()
+        state = self.settings.resumed()
+        if self.control is not None:
+            state["noise_control"] = self.control.state_dict() | {"train_loss": [float(self._train_loss[0]), self._train_loss[1]]}
+        return state
 
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
@@ -274,6 +345,10 @@ class MajorityKernelCallback(Callback):
         and take any, restoring the copies when k, scheme and form match."""
         if self._fitting:
             self.settings.check_resume(state_dict, "the checkpoint being resumed", "this MajorityKernelCallback")
+        if self._fitting and self.control is not None and "noise_control" in state_dict:
+            self.control.load_state_dict(state_dict["noise_control"])
+            total, count = state_dict["noise_control"]["train_loss"]
+            self._train_loss = (total, count)
         same = all(state_dict.get(name) == getattr(self.settings, name) for name in ("k", "scheme", "form"))
         if "kernels" in state_dict and self.kernels is not None and same:
             loaded = self.kernels.module.load_state_dict(state_dict["kernels"], strict=False)
@@ -282,6 +357,15 @@ class MajorityKernelCallback(Callback):
                     f"the checkpoint's majority kernels {loaded.unexpected_keys} are not in this model: resume with "
                     "the include, exclude, layer_types and biases it was trained with"
                 )
+
+
+#: What ``monitor="auto"`` takes for the validation loss: val_loss, val/loss, valid_loss, validation_loss, ...
+_VALIDATION_LOSS = re.compile(r"val(id(ation)?)?[_/.\-]?loss(_epoch)?", re.IGNORECASE)
+
+
+def _validation_loss(metrics: dict[str, Any]) -> Optional[str]:
+    """The name of the validation loss among the logged ``metrics`` (the first in sorted order), or None."""
+    return next((name for name in sorted(metrics) if _VALIDATION_LOSS.fullmatch(name)), None)
 
 
 def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Form", "Copies", "Decoupled", "FORMS", "register_form", "get_form"]
+__all__ = ["Form", "Copies", "Decoupled", "Relative", "FORMS", "register_form", "get_form"]
 
 
 class Form:
@@ -22,6 +22,7 @@ class Form:
 
     name: str = ""
     extra_rows = 0  #: rows the stored tensor has besides one per copy
+    init_noise = 0.0  #: the relative noise on the initial copies when ``init_noise`` is not given
 
     def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
         """The stored tensor of a kernel whose initial copies are ``copies`` (made from ``weight``; all equal
@@ -95,6 +96,39 @@ class Decoupled(Form):
         return _relative(total((deviations - center / k).pow(2).sum().reshape(1)), k, mu)
 
 
+class Relative(Decoupled):
+    """Store ``mu`` and ``k`` deviations as :class:`Decoupled` does, but sample ``mu + s * (combine(delta) -
+    mean(delta))`` with ``s`` (no gradient) making the copies' RMS distance from ``mu`` equal to ``mu``'s RMS:
+    the noise level is then the sampled kernel's relative distance from ``mu`` in every layer, whatever the
+    optimizer and the learning rate make of the deviations' size, and ``mu`` cannot escape it by growing. The
+    deviations give the noise its shape (they start random, ``init_noise`` 1, and are trained like the copies).
+    """
+
+    name = "relative"
+    init_noise = 1.0
+
+    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+        mu = stored[0]
+        center = rows.mean(0)
+        return mu + (combined - center) * _normaliser(mu, rows, center)
+
+    def copies(self, stored: Tensor) -> Tensor:
+        mu, deviations = stored[0], stored[1:]
+        center = deviations.mean(0)
+        return mu + (deviations - center) * _normaliser(mu, deviations, center)
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        # 1 by construction (0 while the deviations are all equal)
+        return float(super().spread(rows, first, n_rows, total) > 0)
+
+
+def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
+    """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
+    with torch.no_grad():
+        size = mu.pow(2).mean().sqrt()
+        return size / (deviations - center).pow(2).mean().sqrt().clamp_min(1e-6 * size).clamp_min(1e-30)
+
+
 def _relative(distance: Tensor, k: int, center: Tensor) -> float:
     """sqrt(mean squared distance over k copies) / RMS of ``center``, from the summed squared distance."""
     return (distance / (k * center.pow(2).sum().clamp_min(1e-24))).sqrt().item()
@@ -122,3 +156,4 @@ def get_form(name: str) -> Form:
 
 register_form(Copies())
 register_form(Decoupled())
+register_form(Relative())

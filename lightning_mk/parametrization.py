@@ -64,6 +64,8 @@ class Draws(nn.Module):
         self.register_buffer("level", torch.ones((), device=device), persistent=False)
         self._noise = 1.0  # the level as given (the buffer holds it in the kernels' precision)
         self.noisy = False  # level != 1: a Python flag, so the default level costs no lerp
+        self._decay = float(settings.decay) / settings.noise if settings.decay else 0.0  # per unit of level
+        self.register_buffer("decay", torch.zeros((), device=device), persistent=False)  # now: decay * level / noise
 
     @property
     def step(self) -> int:
@@ -88,6 +90,7 @@ class Draws(nn.Module):
         self._noise = float(value)
         with torch.no_grad():
             self.level.fill_(self._noise)
+            self.decay.fill_(self._decay * self._noise)
         self.noisy = self.noisy or self._noise != 1.0
 
     def key(self, index: int) -> int:
@@ -113,6 +116,21 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.scale, None
+
+
+class _Decay(torch.autograd.Function):
+    """Identity on the kernel; adds ``coefficient * mu`` to ``mu``'s gradient: L2 weight decay on the deployed
+    kernel alone, whatever the optimizer does to the stored tensor."""
+
+    @staticmethod
+    def forward(ctx, kernel: Tensor, mu: Tensor, coefficient: Tensor) -> Tensor:
+        ctx.save_for_backward(mu, coefficient)
+        return kernel.view_as(kernel)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        mu, coefficient = ctx.saved_tensors
+        return grad, mu * coefficient.to(mu.dtype), None
 
 
 def kernel_settings(value: Any) -> Optional[dict]:
@@ -172,6 +190,8 @@ class MajorityKernel(nn.Module):
         kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state)))
         if self.draws.noisy:
             kernel = torch.lerp(self._form.deployed(stored, rows), kernel, self.draws.level.to(kernel.dtype))
+        if self.draws._decay:
+            kernel = _Decay.apply(kernel, self._form.deployed(stored, rows), self.draws.decay)
         return kernel
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -36,13 +36,16 @@ class Settings:
         layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);
             None: every registered type (:func:`lightning_mk.register_layer`).
         biases: give biases copies too.
-        init_noise: relative noise added to the initial copies, centred (the mean is unchanged).
+        init_noise: relative noise added to the initial copies, centred (the mean is unchanged); None: the
+            form's own (0, and 1 for ``"relative"``).
         grad_scale: ``"none"``, ``"k"`` (the mean moves at the plain model's pace under SGD), ``"matched"``
             (``1 / E[sum a_i^2]``) or a number > 0: multiplies the copies' (decoupled: the deviations')
             gradients.
         noise: the level of each draw's deviation from the eval-mode kernel: a step trains
             ``eval + noise * (draw - eval)`` (1: the scheme's draw, 0: the eval-mode kernel); unbiased at
             any level >= 0.
+        decay: L2 weight decay on the deployed kernel alone (``mu``; the copies' mean), added to its gradient in
+            each training step in proportion to the noise level (``decay`` at ``noise``, none at zero noise).
         seed: keys every draw with the step and the kernel, the same in every process.
     """
 
@@ -54,9 +57,10 @@ class Settings:
     exclude: tuple[str, ...] = ()
     layer_types: Optional[tuple[LayerType, ...]] = None
     biases: bool = False
-    init_noise: float = 0.0
+    init_noise: Optional[float] = None
     grad_scale: Union[str, float] = "none"
     noise: float = 1.0
+    decay: float = 0.0
     seed: int = 0
 
     #: The settings a run's draws depend on: resuming needs the saved ones.
@@ -85,10 +89,16 @@ class Settings:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if not isinstance(self.biases, bool):
             raise TypeError(f"biases must be True or False, got {self.biases!r}")
+        if self.init_noise is None:
+            object.__setattr__(self, "init_noise", FORMS[self.form].init_noise)
         if not _is_number(self.init_noise) or self.init_noise < 0:
             raise ValueError(f"init_noise must be a number >= 0, got {self.init_noise!r}")
         if not _is_number(self.noise) or not 0 <= self.noise < float("inf"):
             raise ValueError(f"noise must be a number >= 0 (1: the scheme's draw, 0: the eval-mode kernel), got {self.noise!r}")
+        if not _is_number(self.decay) or not 0 <= self.decay < float("inf"):
+            raise ValueError(f"decay must be a number >= 0 (L2 weight decay on the deployed kernel), got {self.decay!r}")
+        if self.decay and not self.noise:
+            raise ValueError("decay is scaled by the noise level relative to noise, which is 0; give noise > 0 or decay=0")
         if isinstance(self.grad_scale, str) and self.grad_scale not in GRAD_SCALES:
             raise ValueError(f"unknown grad_scale {self.grad_scale!r}; valid: {list(GRAD_SCALES)} or a number > 0")
         if not isinstance(self.grad_scale, str) and (not _is_number(self.grad_scale) or self.grad_scale <= 0):

@@ -1,6 +1,8 @@
-"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile]`: 2 CPU processes
+"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile] [gap]`: 2 CPU processes
 (gloo), Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise, `compile` trains
-``torch.compile(model, fullgraph=True)`` (backend aot_eager) and counts the graphs dynamo compiled after each batch.
+``torch.compile(model, fullgraph=True)`` (backend aot_eager) and counts the graphs dynamo compiled after each batch,
+`gap` sets the noise from the generalisation gap (form="relative", monitor="val_loss") with a validation loss that
+differs between the ranks.
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
 parameters, and how many times it wrote the small model.
@@ -44,6 +46,10 @@ class Recording(TinyModule):
         x, y = batch  # no self.log: under DDP Lightning compiles training_step, and dynamo cannot trace log()
         return F.cross_entropy(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch  # each rank its own value (no sync_dist): the callback must still set one level everywhere
+        self.log("val_loss", F.cross_entropy(self(x), y) + 10.0 * (1 + self.global_rank))
+
 
 class CountFrames(pl.Callback):
     def __init__(self):
@@ -59,13 +65,19 @@ class CountFrames(pl.Callback):
 pl.seed_everything(0)
 model = Recording()
 precision = sys.argv[2]
-per_rank, compiled = "per_rank" in sys.argv[3:], "compile" in sys.argv[3:]
-cb = MajorityKernelCallback(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"))
+per_rank, compiled, gap = ("per_rank" in sys.argv[3:], "compile" in sys.argv[3:], "gap" in sys.argv[3:])
+options = dict(form="relative", monitor="val_loss", noise=0.3) if gap else {}
+cb = MajorityKernelCallback.published(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"), **options)
 frames = CountFrames()
 trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb, frames])
-trainer.fit(torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8))
+trainer.fit(
+    torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model,
+    loader(n=64, batch_size=8),
+    loader(n=16, batch_size=8, seed=1 + trainer.global_rank) if gap else None,
+)
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames},
+level = cb.control.state_dict() if gap else None
+torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames, "level": level},
            os.path.join(out, f"rank{trainer.global_rank}.pt"))
 torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

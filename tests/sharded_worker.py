@@ -113,7 +113,7 @@ def fit(max_epochs, save_as, ckpt_path=None):
     model = BuiltLate()
     # init_noise: the copies differ from the start, so each step's draw differs even where a 16-bit run's
     # loss scaler skips the first updates
-    cb = MajorityKernelCallback(k=4, scheme="select", seed=3, init_noise=0.1, save_path=os.path.join(out, save_as + ".pt"))
+    cb = MajorityKernelCallback.published(k=4, scheme="select", seed=3, init_noise=0.1, save_path=os.path.join(out, save_as + ".pt"))
     t = trainer(out, accelerator=accelerator, devices=devices, strategy=make_strategy(), precision=precision,
                 max_epochs=max_epochs, callbacks=[cb])
     t.fit(torch.compile(model, backend="aot_eager") if compiled else model, loader(n=64, batch_size=8), ckpt_path=ckpt_path)

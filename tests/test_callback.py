@@ -22,7 +22,7 @@ def test_fit_saves_the_small_model_and_it_loads_into_the_users_class(tmp_path):
     model = TinyModule()
     n_params = sum(p.numel() for p in model.parameters())
     path = tmp_path / "small.pt"
-    cb = MajorityKernelCallback(k=4, save_path=path)
+    cb = MajorityKernelCallback.published(k=4, save_path=path)
     t = trainer(tmp_path, max_epochs=2, callbacks=[cb])
     t.fit(model, loader(), loader(seed=1))
     assert kernel_copies(model)["net.0.weight"].shape == (4, 16, 8)
@@ -42,7 +42,7 @@ def test_fit_saves_the_small_model_and_it_loads_into_the_users_class(tmp_path):
 
 
 def test_default_save_path_is_in_each_fits_log_dir(tmp_path):
-    cb = MajorityKernelCallback(k=2)
+    cb = MajorityKernelCallback.published(k=2)
     for run in ("a", "b"):  # one callback, two trainers: each fit writes into its own log dir
         trainer(tmp_path / run, limit_train_batches=2, callbacks=[cb]).fit(TinyModule(), loader())
         assert cb.save_path is None and cb.small_model_path == os.path.join(str(tmp_path / run), "small_model.pt")
@@ -51,7 +51,7 @@ def test_default_save_path_is_in_each_fits_log_dir(tmp_path):
 
 def test_collapse_module_leaves_the_plain_model_for_test_and_checkpoint(tmp_path):
     model = TinyModule()
-    cb = MajorityKernelCallback(k=3, save_path=tmp_path / "small.pt", collapse_module=True)
+    cb = MajorityKernelCallback.published(k=3, save_path=tmp_path / "small.pt", collapse_module=True)
     t = trainer(tmp_path, limit_train_batches=2, limit_val_batches=1, callbacks=[cb])
     t.fit(model, loader(), loader(seed=1))
     assert not kernel_copies(model)
@@ -67,7 +67,7 @@ def test_preloaded_weights_are_kept_with_replicate(tmp_path):
     pretrained = TinyModule()
     model = TinyModule(lr=0.0)
     model.load_state_dict(pretrained.state_dict())
-    cb = MajorityKernelCallback(k=3, init_noise=0.05, save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=3, init_noise=0.05, save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     for key, value in pretrained.state_dict().items():
@@ -87,7 +87,7 @@ class BuiltInConfigureModel(TinyModule):
 
 def test_layers_built_in_configure_model_get_copies(tmp_path):
     model = BuiltInConfigureModel()
-    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
     assert sorted(kernel_copies(model)) == ["net.0.weight", "net.2.weight"]
     assert "configure_model" not in model.__dict__, "the callback calls the user's hook, it does not replace it"
@@ -100,7 +100,7 @@ def _fit_epochs(root, epochs, scheme, ckpt_path=None, init_seed=0, form="copies"
     os.makedirs(root, exist_ok=True)
     pl.seed_everything(init_seed)
     model = TinyModule()
-    cb = MajorityKernelCallback(k=3, scheme=scheme, form=form, seed=7, save_path=os.path.join(root, "small.pt"))
+    cb = MajorityKernelCallback.published(k=3, scheme=scheme, form=form, seed=7, save_path=os.path.join(root, "small.pt"))
     ckpt = ModelCheckpoint(dirpath=root, filename="last")
     t = trainer(root, max_epochs=epochs, callbacks=[cb, ckpt], enable_checkpointing=True)
     t.fit(model, loader(), ckpt_path=ckpt_path)
@@ -108,7 +108,8 @@ def _fit_epochs(root, epochs, scheme, ckpt_path=None, init_seed=0, form="copies"
 
 
 @pytest.mark.parametrize(
-    "scheme, form", [(scheme, "copies") for scheme in ("select", "convex", "layer", "majority")] + [("select", "decoupled")]
+    "scheme, form",
+    [(scheme, "copies") for scheme in ("select", "convex", "layer", "majority")] + [("select", "decoupled"), ("select", "relative")],
 )
 def test_resume_is_exact(tmp_path, scheme, form):
     straight = _fit_epochs(str(tmp_path / "a"), 2, scheme, form=form)
@@ -129,7 +130,7 @@ def test_resume_with_another_k_or_scheme_names_both(tmp_path, change):
     _fit_epochs(root, 1, "select")
     options = dict(k=3, scheme="select", seed=7, save_path=tmp_path / "small.pt") | change
     model = TinyModule()
-    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback(**options)])
+    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback.published(**options)])
     expected = "has k=3, but .* has k=2" if "k" in change else "has scheme='select', but .* has scheme='convex'"
     with pytest.raises(ValueError, match=expected):
         t.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
@@ -148,7 +149,7 @@ def test_resume_with_another_seed_init_or_form_names_both(tmp_path, change, expe
     _fit_epochs(root, 1, "select")
     options = dict(k=3, scheme="select", seed=7, save_path=tmp_path / "small.pt") | change
     model = TinyModule()
-    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback(**options)])
+    t = trainer(root, max_epochs=2, callbacks=[MajorityKernelCallback.published(**options)])
     with pytest.raises(ValueError, match=expected):
         t.fit(model, loader(), ckpt_path=tmp_path / "last.ckpt")
     assert model.training_steps == 0
@@ -164,7 +165,7 @@ class FailsAtStep3(TinyModule):
 def test_a_run_that_fails_midway_writes_nothing(tmp_path):
     path = tmp_path / "small.pt"
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(tmp_path, max_epochs=3, callbacks=[MajorityKernelCallback(k=2, save_path=path)]).fit(FailsAtStep3(), loader())
+        trainer(tmp_path, max_epochs=3, callbacks=[MajorityKernelCallback.published(k=2, save_path=path)]).fit(FailsAtStep3(), loader())
     assert os.listdir(tmp_path) == []
 
 
@@ -218,13 +219,13 @@ def test_a_configure_model_that_rebuilds_its_layers_is_refused_before_training(t
 
     model = Rebuilds()
     with pytest.raises(RuntimeError, match="configure_model built new layers.*make it idempotent"):
-        trainer(tmp_path, callbacks=[MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")]).fit(model, loader())
+        trainer(tmp_path, callbacks=[MajorityKernelCallback.published(k=2, save_path=tmp_path / "small.pt")]).fit(model, loader())
     assert model.training_steps == 0
 
 
 def _fit_until_error(tmp_path, model=None, **options):
     model = model or TinyModule()
-    cb = MajorityKernelCallback(**({"k": 2, "save_path": tmp_path / "small.pt"} | options))
+    cb = MajorityKernelCallback.published(**({"k": 2, "save_path": tmp_path / "small.pt"} | options))
     trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, loader())
     return model
 
@@ -262,7 +263,7 @@ def test_a_model_without_eligible_layers_fails_at_setup(tmp_path):
 
 
 def test_applying_twice_fails_at_setup(tmp_path):
-    callbacks = [MajorityKernelCallback(k=2), MajorityKernelCallback(k=3)]
+    callbacks = [MajorityKernelCallback.published(k=2), MajorityKernelCallback.published(k=3)]
     with pytest.raises(RuntimeError, match="more than one stateful callback of type `MajorityKernelCallback`"):
         trainer(tmp_path, callbacks=callbacks)  # Lightning refuses it: one state_key per callback type
     model = apply_majority_kernels(TinyModule(), k=2).module
@@ -278,13 +279,13 @@ def test_applying_twice_fails_at_setup(tmp_path):
         (dict(k=3.0), "k must be an integer >= 2"),
         (dict(scheme="nope"), r"valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
         (dict(init="nope"), r"valid inits: \['replicate', 'independent'\]"),
-        (dict(form="nope"), r"unknown form 'nope'; valid forms: \['copies', 'decoupled'\]"),
+        (dict(form="nope"), r"unknown form 'nope'; valid forms: \['copies', 'decoupled', 'relative'\]"),
         (dict(grad_scale="nope"), "valid: \\['none', 'k', 'matched'\\]"),
     ],
 )
 def test_bad_arguments_fail_in_init(options, message):
     with pytest.raises(ValueError, match=message):
-        MajorityKernelCallback(**options)
+        MajorityKernelCallback.published(**options)
 
 
 def test_anneal_noise_goes_linearly_from_full_noise_to_the_mean(tmp_path):
@@ -295,7 +296,7 @@ def test_anneal_noise_goes_linearly_from_full_noise_to_the_mean(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.noise.append(self.cb.kernels.draws.noise)
 
-    cb = MajorityKernelCallback(k=2, anneal_noise=True, save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, anneal_noise=True, save_path=tmp_path / "small.pt")
     probe = Probe(cb)  # after the MK callback, so it sees this step's level
     trainer(tmp_path, max_epochs=2, callbacks=[cb, probe]).fit(TinyModule(), loader(n=64, batch_size=16))
     assert probe.noise == pytest.approx([1 - step / 8 for step in range(8)])  # 2 epochs x 4 batches
@@ -308,7 +309,7 @@ def test_anneal_noise_starts_from_the_noise_option(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             levels.append(cb.kernels.draws.noise)
 
-    cb = MajorityKernelCallback(k=2, noise=0.5, anneal_noise=True, save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, noise=0.5, anneal_noise=True, save_path=tmp_path / "small.pt")
     trainer(tmp_path, max_epochs=1, callbacks=[cb, Probe()]).fit(TinyModule(), loader(n=64, batch_size=16))
     assert levels == pytest.approx([0.5 * (1 - step / 4) for step in range(4)])
 
@@ -316,25 +317,25 @@ def test_anneal_noise_starts_from_the_noise_option(tmp_path):
 def test_anneal_noise_needs_a_finite_run(tmp_path):
     model = TinyModule()
     with pytest.raises(ValueError, match="anneal_noise=True needs a finite training length"):
-        trainer(tmp_path, max_epochs=-1, callbacks=[MajorityKernelCallback(k=2, anneal_noise=True)]).fit(model, loader())
+        trainer(tmp_path, max_epochs=-1, callbacks=[MajorityKernelCallback.published(k=2, anneal_noise=True)]).fit(model, loader())
     assert model.training_steps == 0
 
 
 @pytest.mark.parametrize("name", ["biases", "anneal_noise", "per_rank_noise", "collapse_module", "log_spread"])
 def test_flags_must_be_booleans(name):
     with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):
-        MajorityKernelCallback(**{name: "yes"})
+        MajorityKernelCallback.published(**{name: "yes"})
 
 
 def test_include_must_be_a_list():
     with pytest.raises(TypeError, match="list of glob patterns"):
-        MajorityKernelCallback(exclude="head")
+        MajorityKernelCallback.published(exclude="head")
 
 
 def test_unsupported_strategies_are_refused_at_setup():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    cb = MajorityKernelCallback(k=2)
+    cb = MajorityKernelCallback.published(k=2)
     fake_trainer = types.SimpleNamespace(callbacks=[cb], strategy=ModelParallelStrategy())
     with pytest.raises(ValueError, match="single-device, DDP, FSDP and DeepSpeed strategies, not ModelParallelStrategy"):
         cb.setup(fake_trainer, TinyModule(), "fit")
@@ -345,7 +346,7 @@ def test_collapse_module_is_refused_with_sharded_strategies(name):
     if name == "DeepSpeedStrategy":
         pytest.importorskip("deepspeed")  # DeepSpeedStrategy() refuses to be built without it
     strategy = getattr(strategies, name)()
-    cb = MajorityKernelCallback(k=2, collapse_module=True)
+    cb = MajorityKernelCallback.published(k=2, collapse_module=True)
     with pytest.raises(ValueError, match=f"collapse_module=True rewrites the module in place, which {name}"):
         cb.setup(types.SimpleNamespace(callbacks=[cb], strategy=strategy), TinyModule(), "fit")
 
@@ -360,12 +361,12 @@ def test_layers_wrapped_in_fsdp_by_configure_model_are_refused(tmp_path, monkeyp
 
     monkeypatch.setattr(callback_module, "FullyShardedDataParallel", Wrapped)
     with pytest.raises(ValueError, match="configure_model wrapped layers in FSDP itself.*auto_wrap_policy"):
-        trainer(tmp_path, callbacks=[MajorityKernelCallback(k=2)]).fit(WrapsItself(), loader())
+        trainer(tmp_path, callbacks=[MajorityKernelCallback.published(k=2)]).fit(WrapsItself(), loader())
 
 
 def test_spread_is_logged(tmp_path):
     model = TinyModule()
-    cb = MajorityKernelCallback(k=2, init="independent", save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, init="independent", save_path=tmp_path / "small.pt")
     t = trainer(tmp_path, limit_train_batches=2, callbacks=[cb])
     t.fit(model, loader())
     assert {"mk/spread", "mk/spread/net.0.weight", "mk/spread/net.2.weight"} <= set(t.callback_metrics)
@@ -373,7 +374,7 @@ def test_spread_is_logged(tmp_path):
 
 
 def test_callback_state_holds_the_settings(tmp_path):
-    cb = MajorityKernelCallback(k=2, scheme="layer", save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, scheme="layer", save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=3, callbacks=[cb]).fit(TinyModule(), loader())
     assert cb.state_dict() == {"k": 2, "scheme": "layer", "init": "replicate", "form": "copies", "seed": 0}
     assert cb.kernels.step == 3, "one draw per optimizer step, the position from trainer.global_step"
@@ -385,13 +386,13 @@ def test_an_mk_checkpoint_can_be_validated_in_a_new_process(tmp_path):
     trained.eval()
     expected = trainer(root).validate(trained, loader(seed=1), verbose=False)
     fresh = TinyModule()
-    cb = MajorityKernelCallback(k=3, scheme="select")
+    cb = MajorityKernelCallback.published(k=3, scheme="select")
     result = trainer(root, callbacks=[cb]).validate(fresh, loader(seed=1), ckpt_path=tmp_path / "last.ckpt", verbose=False)
     assert result == expected
 
 
 def test_one_callback_serves_a_second_model_but_not_a_collapsed_one(tmp_path):
-    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt", collapse_module=True)
+    cb = MajorityKernelCallback.published(k=2, save_path=tmp_path / "small.pt", collapse_module=True)
     first, second = TinyModule(), TinyModule()
     trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(first, loader())
     with pytest.raises(ValueError, match="collapsed by this MajorityKernelCallback"):

@@ -65,8 +65,9 @@ def test_fullgraph_traces_every_scheme_without_recompiling(model, scheme):
     torch.testing.assert_close(compiled_out[-1], eager_out[-1])
 
 
-def test_fullgraph_decoupled_and_annealed_noise_without_recompiling():
-    (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", "select", "aot_eager", "decoupled", anneal=True)
+@pytest.mark.parametrize("form", ["decoupled", "relative"])
+def test_fullgraph_decoupled_forms_and_annealed_noise_without_recompiling(form):
+    (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", "select", "aot_eager", form, anneal=True)
     assert graphs[2] > 0 and graphs[-1] == graphs[2], f"recompiled as the noise level changed: {graphs}"
     assert compiled == pytest.approx(eager, abs=1e-5)
 
@@ -95,7 +96,7 @@ def test_lightning_fits_a_compiled_module_with_fullgraph(tmp_path):
             graphs.append(counters["stats"]["unique_graphs"])
 
     model = Counting()
-    callback = MajorityKernelCallback(k=4, save_path=str(tmp_path / "small.pt"))
+    callback = MajorityKernelCallback.published(k=4, save_path=str(tmp_path / "small.pt"))
     trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(torch.compile(model, fullgraph=True, backend="aot_eager"), loader())
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"

@@ -1,5 +1,6 @@
 """DDP with 2 CPU processes, fp32, bf16-mixed and torch.compile: identical draws on every rank (or each
-its own, with per_rank_noise), identical parameters, one small-model file, no recompiles after step 1."""
+its own, with per_rank_noise; and with the noise level set from ranks' differing losses), identical parameters,
+one small-model file, no recompiles after step 1."""
 
 import os
 import subprocess
@@ -14,12 +15,19 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize(
-    "per_rank, precision, compiled", [(False, "32-true", False), (True, "32-true", False), (False, "bf16-mixed", False), (False, "32-true", True)]
+    "per_rank, precision, compiled, gap",
+    [
+        (False, "32-true", False, False),
+        (True, "32-true", False, False),
+        (False, "bf16-mixed", False, False),
+        (False, "32-true", True, False),
+        (False, "32-true", False, True),
+    ],
 )
-def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled):
+def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled
+    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -39,6 +47,8 @@ def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled):
         assert frames[-1] == 0
     for key, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][key]), key
+    if gap:  # the level rose at both validations, on both ranks alike
+        assert rank0["level"] == rank1["level"] == {"level": 0.06, "updates": 2}
     assert (rank0["writes"], rank1["writes"]) == (1, 0), "the small model is written once, by rank zero"
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     assert all(value.dtype == torch.float32 for value in small.values()), "bf16-mixed keeps fp32 parameters"

@@ -21,6 +21,19 @@ def _stored(module, name="0"):
     return module.get_submodule(name).parametrizations.weight.original
 
 
+def _assert_unbiased(kernels, steps, mu):
+    """Monte Carlo over ``steps`` draws of the handle's single layer: their mean is ``mu`` within 5 standard errors.
+    Returns the draws."""
+    draws = []
+    for step in range(steps):
+        kernels.step = step
+        draws.append(kernels.module.weight.detach())
+    draws = torch.stack(draws)
+    sem = draws.std(0) / len(draws) ** 0.5
+    assert ((draws.mean(0) - mu).abs() <= 5 * sem + 1e-12).all()
+    return draws
+
+
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("k", [2, 4])
 def test_every_scheme_is_unbiased_around_mu(scheme, k):
@@ -29,13 +42,7 @@ def test_every_scheme_is_unbiased_around_mu(scheme, k):
     stored = _stored(model.module, "")
     with torch.no_grad():
         stored[1:] = torch.randn(k, 3, 5, dtype=torch.float64) + 0.7  # deviations with a non-zero mean
-    draws = []
-    for step in range(10000):
-        model.step = step
-        draws.append(model.module.weight.detach())
-    draws = torch.stack(draws)
-    sem = draws.std(0) / len(draws) ** 0.5
-    assert ((draws.mean(0) - stored[0]).abs() <= 5 * sem + 1e-12).all()
+    _assert_unbiased(model, 10000, stored[0])
     model.module.eval()
     assert torch.equal(model.module.weight, stored[0]), "eval mode is mu"
 
@@ -206,7 +213,7 @@ def test_callback_trains_mu_and_saves_it_as_the_plain_model(tmp_path):
     torch.manual_seed(0)
     model = TinyModule()
     before = copy.deepcopy(model.net[0].weight)
-    cb = MajorityKernelCallback(k=3, scheme="layer", form="decoupled", save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=3, scheme="layer", form="decoupled", save_path=tmp_path / "small.pt")
     t = trainer(tmp_path, max_epochs=2, callbacks=[cb])
     t.fit(model, loader())
     stored = model.net[0].parametrizations.weight.original
@@ -217,3 +224,50 @@ def test_callback_trains_mu_and_saves_it_as_the_plain_model(tmp_path):
     x = torch.randn(32, 8)
     with torch.no_grad():
         assert torch.equal(small.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_relative_form_is_unbiased_around_mu_at_a_fixed_relative_distance(scheme):
+    """form="relative": the deviations are rescaled (without gradient) so the copies sit at mu's RMS from mu;
+    the draws average to mu, eval mode is mu, and a `select` draw is `noise` (relative RMS) away from mu."""
+    kernels = apply_majority_kernels(nn.Linear(50, 40).double(), k=4, scheme=scheme, form="relative", step_on_forward=False)
+    assert kernels.settings.init_noise == 1.0  # the form's own: the deviations start random
+    stored = _stored(kernels.module, "")
+    with torch.no_grad():
+        stored[1:] *= 7.0  # their size does not matter
+    copies = kernel_copies(kernels.module)["weight"]
+    rms = stored[0].pow(2).mean().sqrt()
+    torch.testing.assert_close((copies - stored[0]).pow(2).mean().sqrt(), rms)
+    assert copy_spread(kernels.module) == {"weight": 1.0}
+    kernels.draws.noise = 0.3
+    draws = _assert_unbiased(kernels, 4000, stored[0])
+    if scheme == "select":
+        distance = (draws - stored[0]).pow(2).mean((1, 2)).sqrt() / rms
+        torch.testing.assert_close(distance.mean(), torch.tensor(0.3, dtype=torch.float64), rtol=0.05, atol=0)
+    kernels.module.eval()
+    assert torch.equal(kernels.module.weight, stored[0])
+
+
+def test_relative_form_gives_mu_the_plain_gradient_and_is_plain_training_at_zero_noise():
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    kernels = apply_majority_kernels(_linear(), k=4, form="relative", step_on_forward=False)
+    model = kernels.module.train()
+    kernels.step = 3
+    plain = _linear()
+    with torch.no_grad():
+        for name in ("0", "2"):
+            plain.get_submodule(name).weight.copy_(model.get_submodule(name).weight)
+    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(plain(x), y).backward()
+    for name in ("0", "2"):
+        assert torch.equal(_stored(model, name).grad[0], plain.get_submodule(name).weight.grad), name
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(20)]
+    plain = _linear()
+    _train(plain, torch.optim.Adam(plain.parameters(), lr=1e-2), batches)
+    kernels = apply_majority_kernels(_linear(), k=4, form="relative")
+    kernels.draws.noise = 0.0
+    _train(kernels.module, torch.optim.Adam(kernels.module.parameters(), lr=1e-2), batches)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(kernels.collapsed_state_dict()[key], value, rtol=0, atol=1e-6)

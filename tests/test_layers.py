@@ -181,16 +181,16 @@ def test_bad_registrations_are_refused(registry, args, error, message):
 )
 def test_unknown_layer_types_fail_when_the_callback_is_made(layer_types, message):
     with pytest.raises(ValueError, match=message):
-        MajorityKernelCallback(layer_types=layer_types)
+        MajorityKernelCallback.published(layer_types=layer_types)
     with pytest.raises(ValueError, match=message):
         apply_majority_kernels(nn.Linear(2, 2), layer_types=layer_types)
 
 
 def test_other_layer_type_arguments_that_cannot_match_fail_early():
     with pytest.raises(TypeError, match="layer_types takes a list of layer types"):
-        MajorityKernelCallback(layer_types="Linear")
+        MajorityKernelCallback.published(layer_types="Linear")
     with pytest.raises(ValueError, match=r"include=\[\] chooses no layer"):
-        MajorityKernelCallback(include=[])
+        MajorityKernelCallback.published(include=[])
     # a registered name that misses the model by case says so
     model = nn.Sequential(nn.Conv1d(2, 2, 1))
     with pytest.raises(
@@ -313,7 +313,7 @@ class MixerModule(TinyModule):
 
 
 def _fit(tmp_path, model, **kwargs):
-    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt", log_spread=False, **kwargs)
+    cb = MajorityKernelCallback.published(k=2, save_path=tmp_path / "small.pt", log_spread=False, **kwargs)
     trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(model, loader())
     return cb
 

@@ -70,7 +70,7 @@ def test_the_callback_trains_and_saves_without_the_optional_dependencies(tmp_pat
 
         path = {str(tmp_path / "small.pt")!r}
         model = TinyModule()
-        callback = MajorityKernelCallback(k=2, save_path=path)
+        callback = MajorityKernelCallback.published(k=2, save_path=path)
         trainer({str(tmp_path)!r}, limit_train_batches=3, callbacks=[callback]).fit(model, loader())
         TinyModule().load_state_dict(torch.load(path, weights_only=True), strict=True)
         print("steps", model.training_steps)

@@ -51,7 +51,7 @@ def _fit_template_module(root, max_epochs, form, ckpt_path=None):
     torch.manual_seed(0)
     model = LitModule(DenseNet(), optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
     checkpoints = ModelCheckpoint(dirpath=root, save_last=True)
-    cb = MajorityKernelCallback(k=3, form=form, init_noise=0.1, save_path=os.path.join(root, "small.pt"))
+    cb = MajorityKernelCallback.published(k=3, form=form, init_noise=0.1, save_path=os.path.join(root, "small.pt"))
     t = trainer(root, max_epochs=max_epochs, callbacks=[cb, checkpoints], enable_checkpointing=True)
     t.fit(model, RandomData(shuffle=False), ckpt_path=ckpt_path, weights_only=False)  # resumable batch order
     return model
@@ -91,7 +91,7 @@ from lightning_mk import MajorityKernelCallback
 if __name__ == "__main__":
     model = TinyModule()
     initial = {{key: value.clone() for key, value in model.state_dict().items()}}
-    cb = MajorityKernelCallback(k=3, save_path={str(tmp_path / "small.pt")!r}, collapse_module={collapse_module})
+    cb = MajorityKernelCallback.published(k=3, save_path={str(tmp_path / "small.pt")!r}, collapse_module={collapse_module})
     trainer({str(tmp_path)!r}, max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[cb]).fit(model, loader())
     torch.save({{"initial": initial, "after": model.state_dict()}}, {str(tmp_path / "main.pt")!r})
 """
@@ -117,7 +117,7 @@ def test_one_draw_per_optimizer_step_with_gradient_accumulation(tmp_path):
         torch.manual_seed(0)
         model = Recording()
         model.drawn = []
-        cb = MajorityKernelCallback(k=4, init_noise=0.5, save_path=tmp_path / f"small{accumulate}.pt")
+        cb = MajorityKernelCallback.published(k=4, init_noise=0.5, save_path=tmp_path / f"small{accumulate}.pt")
         options = dict(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[cb])
         trainer(tmp_path, **options).fit(model, loader(batch_size=batch_size))
         runs[accumulate] = model
@@ -133,7 +133,7 @@ def test_a_diverged_run_keeps_the_previous_small_model(tmp_path):
     path = tmp_path / "small.pt"
     good = TinyModule().state_dict()
     torch.save(good, path)
-    cb = MajorityKernelCallback(k=2, save_path=path)
+    cb = MajorityKernelCallback.published(k=2, save_path=path)
     with pytest.warns(UserWarning, match=r"non-finite values in .*net\.0\.weight.*NOT saved.*small\.pt is left"):
         trainer(tmp_path, limit_train_batches=2, callbacks=[cb]).fit(TinyModule(lr=float("nan")), loader())
     kept = torch.load(path, weights_only=True)
@@ -142,7 +142,7 @@ def test_a_diverged_run_keeps_the_previous_small_model(tmp_path):
 
 def test_the_coverage_is_logged_with_the_runs_hyperparameters(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
-    cb = MajorityKernelCallback(k=2, save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=2, save_path=tmp_path / "small.pt")
     trainer(tmp_path, limit_train_batches=2, logger=logger, callbacks=[cb]).fit(TinyModule(), loader())
     with open(os.path.join(logger.log_dir, "hparams.yaml")) as f:
         logged = yaml.safe_load(f)
@@ -164,4 +164,4 @@ def test_a_network_among_the_hyperparameters_is_refused_at_setup_when_sharded(na
     model = LitModule(DenseNet(), optimizer=None)
     model._trainer = SimpleNamespace(strategy=getattr(strategies, name)(), loggers=[])
     with pytest.raises(ValueError, match=r"hyperparameters hold the module\(s\) \['net'\].*save_hyperparameters\(ignore=\['net'\]\)"):
-        MajorityKernelCallback(k=2)._apply(model)
+        MajorityKernelCallback.published(k=2)._apply(model)

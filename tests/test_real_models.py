@@ -144,7 +144,7 @@ def test_a_real_model_trains_with_copies_and_ships_plain(name, tmp_path):
     model = build()
     initial = {key: value.clone() for key, value in model.state_dict().items()}
     path = tmp_path / "small.pt"
-    cb = MajorityKernelCallback(k=2, save_path=path, **options)
+    cb = MajorityKernelCallback.published(k=2, save_path=path, **options)
     trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model, batches(tokens()))
     small = torch.load(path, weights_only=True)
     assert small.keys() == initial.keys()
@@ -184,7 +184,7 @@ def test_the_gpt2_example_runs(tmp_path, monkeypatch):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     made = []
-    monkeypatch.setattr(example, "MajorityKernelCallback", lambda **options: made.append(MajorityKernelCallback(**options)) or made[-1])
+    monkeypatch.setattr(example, "MajorityKernelCallback", lambda **options: made.append(MajorityKernelCallback.published(**options)) or made[-1])
     losses = example.main(["--pretrain-steps", "5", "--finetune-steps", "5", "--k", "2", "--out", str(tmp_path)])
     assert losses["with copies at step 0"] == pytest.approx(losses["pretrained"], rel=1e-5)
     assert losses["fine-tuned"] < losses["pretrained"]

@@ -2,6 +2,7 @@
 LightningModule), results carry the config that defines them, bad configs fail early, the console stays quiet."""
 
 import itertools
+import csv
 import json
 import os
 import subprocess
@@ -34,8 +35,9 @@ def config(tmp_path, *overrides):
 def test_the_method_group_is_the_list_of_methods(tmp_path):
     """Each conf/method/<name>.yaml names its function, which the app runs; no list of methods elsewhere."""
     chosen = {option: method_of(config(tmp_path, f"method={option}")) for option in GROUPS["method"]}
-    assert {option: m.train.__name__ for option, m in chosen.items()} == {option: option for option in GROUPS["method"]}
-    assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg"}
+    variants = {"mk_published": "mk"}  # a config of another method's function
+    assert {option: m.train.__name__ for option, m in chosen.items()} == {option: variants.get(option, option) for option in GROUPS["method"]}
+    assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg", "ema"}
     with pytest.raises(ConfigError, match="config key 'method.train' must name a function decorated with"):
         method_of(config(tmp_path, "method=mk", "method.train=lightning_mk.experiments.run.Runner"))
 
@@ -67,7 +69,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     made = []  # the callbacks mk trains with
     monkeypatch.setattr(app, "_callback", lambda *args, make=app._callback, **kw: made.append(make(*args, **kw)) or made[-1])
     result = run(cfg)
-    if method == "mk":  # its model has the small size however it trained: check that it trained with copies
+    if method in ("mk", "mk_published"):  # its model has the small size however it trained: check that it trained with copies
         (mk,) = made
         assert mk.settings.k == 2 and mk.kernels.coverage.kernels > 0
         assert max(copy_spread(mk.kernels.module).values()) > 0, "the copies were drawn and trained apart"
@@ -76,7 +78,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "results.jsonl"], "one model file, whatever the method"
     assert "latency_ms" not in result and 0 <= result["val_acc"] <= 1
     assert result["config"] == run_config(cfg, method_of(cfg).uses_k) and result["config"]["model.net.n"] == cfg.model.net.n
-    assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg"))
+    assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg", "ema"))
     baseline_params = small_params(cfg)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     if method == "wide":
@@ -162,7 +164,10 @@ def test_the_config_of_a_run_is_every_setting_but_the_seed(tmp_path):
     mk = [run_config(config(tmp_path, "method=mk", f"k={k}"), uses_k=True) for k in (2, 4)]
     assert mk[0]["k"] == 2 and mk[0] != mk[1]
     labels = [config(tmp_path, "method=mk", f"method.callback.form={form}").method.label for form in ("copies", "decoupled")]
-    assert labels == ["mk (select, k=4, replicate, grad_scale=none)", "mk (select, k=4, replicate, grad_scale=none, decoupled)"]
+    assert labels == [
+        "mk (k=4, copies, select, noise 0.3, decay 0.0005, monitor auto)",
+        "mk (k=4, decoupled, select, noise 0.3, decay 0.0005, monitor auto)",
+    ]
     assert json.loads(json.dumps(baseline)) == baseline
 
 
@@ -234,7 +239,7 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
-        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled'\]"),
+        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled', 'relative'\]"),
         (["method=mk", "method.callback.scheme=nope"], r"config key 'method.callback': unknown scheme 'nope'; valid schemes: \["),
         (["method=mk", "method.callback.noise=-1"], "config key 'method.callback': noise must be a number >= 0"),
         (["method=mk", "+method.callback.copies=2"], "unexpected keyword argument 'copies'"),
@@ -300,8 +305,27 @@ def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(t
     assert report.main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
     table = capsys.readouterr().out
     assert "## mnist1d/mlp" in table
-    assert "| baseline | – | 2 |" in table and "| mk (select, k=2, replicate, grad_scale=none) | 2 | 2 |" in table
+    assert "| baseline | – | 2 |" in table and "| mk (k=2, relative, select, noise 0.3, decay 0.0005, monitor auto) | 2 | 2 |" in table
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "learning curves from the CSV metrics"
+    metrics = next((tmp_path / "mk-0" / "csv").glob("version_*/metrics.csv")).read_text()
+    assert "time/train_s" in metrics.splitlines()[0]
+
+
+@pytest.mark.parametrize("method", ["baseline", "mk", "ema"])
+def test_early_stopping_deploys_the_best_validation_epoch(tmp_path, method):
+    cfg = config(tmp_path, f"method={method}", "k=2", "data.module.num_samples=600", "early_stopping=1",
+                 "trainer.max_epochs=4", "+trainer.limit_train_batches=2", "logger=csv")
+    result = run(cfg)
+    assert 0 <= result["best_epoch"] <= result["epochs"] <= 3
+    assert sorted(os.listdir(tmp_path)) == ["csv", "model.pt", "results.jsonl"], "the best epoch's checkpoint is not kept"
+    with open(next((tmp_path / "csv").glob("version_*/metrics.csv"))) as fh:
+        logged = [float(r["val/acc"]) for r in csv.DictReader(fh) if r.get("val/acc")]
+    assert result["val_acc"] == pytest.approx(max(logged), abs=1e-6), "the model deployed is the best validation epoch's"
+    from hydra.utils import instantiate
+
+    fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)  # plain keys at the small size
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
 
 
 def test_distill_from_saved_teachers(tmp_path):

@@ -90,7 +90,7 @@ def test_fsdp2_gather_and_collapse_equals_the_unsharded_run(tmp_path):
 def test_bf16_trains_and_saves_in_the_parameter_dtype(tmp_path, precision, dtype):
     model = TinyModule()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cb = MajorityKernelCallback(k=3, scheme="select", save_path=tmp_path / "small.pt")
+    cb = MajorityKernelCallback.published(k=3, scheme="select", save_path=tmp_path / "small.pt")
     trainer(tmp_path, precision=precision, limit_train_batches=3, callbacks=[cb]).fit(model, loader())
     assert all(c.dtype == dtype for c in kernel_copies(model).values()), "copies stay in the parameters' precision"
     small = torch.load(tmp_path / "small.pt", weights_only=True)

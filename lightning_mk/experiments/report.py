@@ -190,6 +190,7 @@ def _row(runs: list[dict], metric: str, scale: float) -> dict:
         "deployable": all(r["deployable"] for r in runs),
         "train_time_s": float(np.mean([r["train_time_s"] for r in runs])),
         "reading": _one([r.get("config", {}).get("reading") for r in runs]),
+        "output_dirs": [r.get("output_dir") for r in runs],
     }
 
 
@@ -373,6 +374,52 @@ def plot(summary: dict[str, list[dict]], path) -> Figure:
     return fig
 
 
+def _curve(output_dir: str | None) -> list[tuple[int, float, float]]:
+    """(epoch, seconds, val/acc) of each validation of a run, from its CSV metrics (``logger=csv``, or ``wandb``, which
+    writes them too); empty when it has none. Seconds: ``time/train_s``, NaN where it was not logged."""
+    rows = []
+    for path in sorted(Path(output_dir).glob("csv/version_*/metrics.csv"))[-1:] if output_dir else []:
+        with open(path, encoding="utf-8") as fh:
+            for r in csv.DictReader(fh):
+                if r.get("val/acc"):
+                    rows.append((int(r["epoch"]), float(r.get("time/train_s") or "nan"), float(r["val/acc"])))
+    return rows
+
+
+def plot_curves(summary: dict[str, list[dict]], path) -> Figure | None:
+    """Per task, each row's validation accuracy against epoch and against training seconds, the mean over its seeds
+    (over the seeds that reached an epoch, under early stopping); None (and no file) when no run logged CSV metrics."""
+    from matplotlib.figure import Figure
+
+    curves = {task: [(row, [_curve(folder) for folder in row["output_dirs"]]) for row in rows] for task, rows in summary.items()}
+    curves = {task: [(row, [c for c in cs if c]) for row, cs in rows] for task, rows in curves.items()}
+    curves = {task: [(row, cs) for row, cs in rows if cs] for task, rows in curves.items()}
+    curves = {task: rows for task, rows in curves.items() if rows}
+    if not curves:
+        return None
+    fig = Figure(figsize=(11, 3.6 * len(curves)), layout="constrained")
+    axes = fig.subplots(len(curves), 2, squeeze=False)
+    for (ax_epoch, ax_time), (task, rows) in zip(axes, curves.items()):
+        for i, (row, runs) in enumerate(rows):
+            by_epoch: dict[int, list[tuple[float, float]]] = {}
+            for run in runs:
+                for epoch, seconds, acc in run:
+                    by_epoch.setdefault(epoch, []).append((seconds, acc))
+            epochs = sorted(by_epoch)
+            acc = [100 * np.mean([a for _, a in by_epoch[e]]) for e in epochs]
+            seconds = [np.mean([t for t, _ in by_epoch[e]]) for e in epochs]
+            label = row["label"] + (row["distinct"] and f" ({row['distinct']})")
+            ax_epoch.plot(epochs, acc, color=f"C{i % 10}", lw=1.2, label=label)
+            ax_time.plot(seconds, acc, color=f"C{i % 10}", lw=1.2)
+        ax_epoch.set(title=task, xlabel="epoch", ylabel="validation accuracy (%)")
+        ax_time.set(title=task, xlabel="training seconds (validation included)")
+        ax_epoch.legend(fontsize=7, frameon=False)
+        for ax in (ax_epoch, ax_time):
+            ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
 def write_runs_csv(results: list[dict], path, summary: dict[str, list[dict]] | None = None) -> None:
     """One row per run with every field any run has; nested values as JSON. Given the summary, a first column
     ``row`` names the table row each run is a seed of, to select a row's runs."""
@@ -429,10 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     (out / "report.md").write_text(markdown + "\n", encoding="utf-8")
     plot(summary, out / "report.png")
+    curves = plot_curves(summary, out / "curves.png") is not None
     write_runs_csv(results, out / "runs.csv", summary)
     if args.wandb:
         log_to_wandb(summary, out / "report.png")
-    print(f"wrote {out / 'report.md'}, {out / 'report.png'}, {out / 'runs.csv'}", file=sys.stderr)
+    wrote = [out / "report.md", out / "report.png", *([out / "curves.png"] if curves else []), out / "runs.csv"]
+    print(f"wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ process per job under multirun (Lightning's ``ddp`` relaunches child ranks with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import hydra
 import lightning.pytorch as pl
@@ -29,6 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -252,6 +254,17 @@ def run_config(cfg: DictConfig, uses_k: bool) -> dict:
     return {key: value for key, value in flat.items() if not any(key == d or key.startswith(d + ".") for d in drop)}
 
 
+class Clock(pl.Callback):
+    """Logs ``time/train_s``, the seconds since training started, at each validation: learning curves against time."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and hasattr(self, "start"):
+            pl_module.log("time/train_s", time.perf_counter() - self.start)
+
+
 class Runner:
     """Builds and trains what one method needs; every fit's wall-clock time is added to ``train_time_s``."""
 
@@ -260,6 +273,7 @@ class Runner:
         self.loggers: list[Logger] = []
         self.train_time_s = 0.0
         self.info: dict = {}
+        self.best_checkpoint: Optional[str] = None  # with early_stopping: the best validation epoch's checkpoint
         key = _width_key(cfg)
         self.width = None if key is None else OmegaConf.select(cfg, key)
 
@@ -282,10 +296,20 @@ class Runner:
     def fit(self, module: pl.LightningModule, log: bool = True, callbacks: Sequence[pl.Callback] = (), **trainer_options) -> pl.Trainer:
         """``log=False`` for auxiliary fits (teachers, the wide model before selection): the loggers
         record only the deployable model's training."""
-        trainer = instantiate(self.cfg.trainer, logger=self.loggers if log and self.loggers else False, callbacks=list(callbacks), **trainer_options)
+        callbacks = [*callbacks, Clock()] if log else list(callbacks)
+        patience = self.cfg.get("early_stopping")
+        if log and patience is not None:  # the deployable model's fit: keep its best validation epoch
+            best = ModelCheckpoint(os.path.join(self.cfg.output_dir, "best"), monitor="val/acc", mode="max", save_top_k=1)
+            callbacks += [EarlyStopping("val/acc", mode="max", patience=patience), best]
+            trainer_options["enable_checkpointing"] = True
+        trainer = instantiate(self.cfg.trainer, logger=self.loggers if log and self.loggers else False, callbacks=callbacks, **trainer_options)
         start = time.perf_counter()
         trainer.fit(module, self.data)
         self.train_time_s += time.perf_counter() - start
+        if log and patience is not None:
+            self.best_checkpoint = best.best_model_path
+            self.info["epochs"] = trainer.current_epoch
+            self.info["best_epoch"] = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["epoch"]
         value = trainer.callback_metrics.get("train/acc")
         self.info["train_acc"] = None if value is None else float(value)
         return trainer
@@ -326,15 +350,24 @@ def baseline_reg(run: Runner) -> tuple[pl.LightningModule, bool]:
     return model, True
 
 
-def _callback(cfg: DictConfig, save_path: str | None = None) -> pl.Callback:
+def _callback(cfg: DictConfig, **options: Any) -> pl.Callback:
     """The method's callback, made from ``method.callback``. The config check makes one too, so that an option
     the callback refuses fails before any run folder or logger, as a :class:`ConfigError` with its message."""
     try:
-        return instantiate(cfg.method.callback, save_path=save_path)
+        return instantiate(cfg.method.callback, **options)
     except InstantiationException as err:
         if isinstance(err.__cause__, (ValueError, TypeError)):
             raise ConfigError(f"config key 'method.callback': {err.__cause__}") from None
         raise
+
+
+@method(uses_k=False, check=_callback)
+def ema(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Plain training, validated and deployed with an exponential moving average of the weights (Lightning's
+    ``EMAWeightAveraging``, which copies the average into the model at the end)."""
+    model = run.module()
+    run.fit(model, callbacks=[_callback(run.cfg)])
+    return model, True
 
 
 @method(uses_k=True, check=_callback)
@@ -408,6 +441,20 @@ def submodular(run: Runner) -> tuple[pl.LightningModule, bool]:
     return small, True
 
 
+def _load_best(model: nn.Module, path: str) -> None:
+    """Load the deployable model's weights from its best validation epoch's checkpoint, whose ``state_dict`` is
+    the plain model's (for mk the callback collapsed it; for ema the average) or, for distill, holds it under
+    ``net.`` beside the teacher."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    wanted = model.state_dict().keys()
+    if not wanted <= state.keys():
+        state = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}
+    model.load_state_dict({key: state[key] for key in wanted if key in state}, strict=True)
+    os.remove(path)  # the model itself is saved as model.pt
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+
+
 def load_model(folder: str | os.PathLike) -> pl.LightningModule:
     """The deployable model a run saved (``<folder>/model.pt``), rebuilt from the run's ``.hydra/config.yaml``
     at its own width (``wide``: k times the width), in eval mode. The data module is only constructed, not set up:
@@ -437,6 +484,8 @@ def run(cfg: DictConfig) -> dict:
         for logger in runner.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         model, deployable = chosen.train(runner)
+        if runner.best_checkpoint is not None:
+            _load_best(model, runner.best_checkpoint)
         val = runner.evaluate(model, "val")
         tested = runner.evaluate(model, "test")
         result = {

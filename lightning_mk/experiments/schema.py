@@ -3,7 +3,6 @@
 ``method.callback`` (conf/method/mk.yaml) is typed by :data:`CALLBACK`: every field of
 :class:`lightning_mk.Settings` and every argument of :class:`lightning_mk.MajorityKernelCallback`, with their
 defaults, so Hydra refuses a wrongly typed or unknown option when it composes the config, before anything runs.
-The ``form_suffix`` resolver names a form in a label unless it is the default, for any registered form.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import typing
 from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from lightning_mk.callback import MajorityKernelCallback
 from lightning_mk.settings import Settings
@@ -42,16 +40,15 @@ def _field(name: str, hint: Any, default: Any) -> tuple:
 
 def _callback_schema() -> type:
     settings = typing.get_type_hints(Settings)
-    fields = [_field(f.name, settings[f.name], f.default) for f in dataclasses.fields(Settings)]
+    fields = {f.name: _field(f.name, settings[f.name], f.default) for f in dataclasses.fields(Settings)}
     hints = typing.get_type_hints(MajorityKernelCallback.__init__)
     for name, parameter in inspect.signature(MajorityKernelCallback).parameters.items():
-        if parameter.kind is parameter.KEYWORD_ONLY:
-            fields.append(_field(name, hints[name], parameter.default))
+        if parameter.kind is parameter.KEYWORD_ONLY:  # the callback's own defaults of settings (form, noise) win
+            fields[name] = _field(name, hints[name], parameter.default)
     target = ("_target_", str, dataclasses.field(default="lightning_mk.MajorityKernelCallback"))
-    return dataclasses.make_dataclass("MajorityKernelCallbackConfig", [target, *fields])
+    return dataclasses.make_dataclass("MajorityKernelCallbackConfig", [target, *fields.values()])
 
 
 #: The schema of ``method.callback``.
 CALLBACK = _callback_schema()
 ConfigStore.instance().store(group="schema", name="mk_callback", node=CALLBACK)
-OmegaConf.register_new_resolver("form_suffix", lambda form: "" if form == Settings.form else f", {form}", replace=True)

@@ -1,0 +1,78 @@
+"""The default against plain training on every task and both protocols, from the raw runs of ``blind.sh``:
+
+    python benchmarks/quality/blind_table.py runs/quality/blind > benchmarks/results/quality/blind/summary.md
+
+One table per protocol: per task, each method's mean test accuracy over seeds and its difference to plain
+training with the paired 95 % t-interval over seeds; the converge protocol adds the mean epochs to the best
+validation epoch. Then the default rule, checked: (a) no task more than 0.5 points below plain under either
+protocol, (b) an interval above zero on the overfitting tasks of at least two of the three families.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lightning_mk.experiments.report import load_results, mean_interval
+
+METHODS = {"baseline": "plain", "mk": "MK default", "mk_published": "MK as published", "ema": "EMA", "baseline_reg": "dropout + wd"}
+FAMILY = {"mnist1d_mlp": "MLP", "mnist1d_cnn_overfit": "CNN", "mnist1d_transformer_overfit": "Transformer"}  # overfitting tasks
+
+
+def main(root: Path) -> None:
+    runs: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for protocol in ("equal", "converge"):
+            if (task_dir / protocol).is_dir():
+                for run in load_results([task_dir / protocol]):
+                    runs[task_dir.name, protocol][run["method"]][run["seed"]] = run
+    verdict = defaultdict(dict)
+    for protocol in ("equal", "converge"):
+        tasks = [task for (task, p) in runs if p == protocol]
+        methods = [m for m in METHODS if any(m in runs[t, protocol] for t in tasks)]
+        print(f"\n## Protocol: {protocol}\n")
+        print("Test accuracy (%), mean over seeds; in brackets the difference to plain, paired by seed, with its 95 % interval."
+              + (" Epochs: mean epoch of the deployed (best validation) model." if protocol == "converge" else ""))
+        print()
+        print("| task | seeds | " + " | ".join(METHODS[m] for m in methods) + (" | epochs (plain / MK default) |" if protocol == "converge" else " |"))
+        print("| --- | --: |" + " --: |" * len(methods) + (" --: |" if protocol == "converge" else ""))
+        for task in tasks:
+            by = runs[task, protocol]
+            plain = by.get("baseline", {})
+            cells = []
+            for m in methods:
+                seeds = sorted(by.get(m, {}))
+                if not seeds:
+                    cells.append("–")
+                    continue
+                acc = np.array([100 * by[m][s]["test_acc"] for s in seeds])
+                cell = f"{acc.mean():.2f}"
+                if m != "baseline":
+                    paired = [s for s in seeds if s in plain]
+                    diff = np.array([100 * (by[m][s]["test_acc"] - plain[s]["test_acc"]) for s in paired])
+                    interval = mean_interval(diff) if len(diff) > 1 else None
+                    if interval:
+                        cell += f" ({diff.mean():+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}])"
+                    if m == "mk":
+                        verdict[task][protocol] = (diff.mean(), interval)
+                cells.append(cell)
+            n = len(plain)
+            extra = ""
+            if protocol == "converge":
+                epochs = [np.mean([r.get("best_epoch", np.nan) for r in by.get(m, {}).values()]) for m in ("baseline", "mk")]
+                extra = f" {epochs[0]:.0f} / {epochs[1]:.0f} |"
+            print(f"| {task} | {n} | " + " | ".join(cells) + " |" + extra)
+    print("\n## The rule for the default, checked\n")
+    worst = min((d, t, p) for t, ps in verdict.items() for p, (d, _) in ps.items())
+    print(f"(a) no worse than plain - 0.5 points on every task under both protocols: "
+          f"{'met' if worst[0] >= -0.5 else 'NOT met'} (lowest: {worst[0]:+.2f} on {worst[1]}, {worst[2]}).")
+    above = sorted({FAMILY[t] for t, ps in verdict.items() if t in FAMILY for p, (d, i) in ps.items() if i and i[0] > 0})
+    print(f"(b) an interval above zero on the overfitting tasks of at least two of the three families: "
+          f"{'met' if len(above) >= 2 else 'NOT met'} (families with one: {', '.join(above) or 'none'}).")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

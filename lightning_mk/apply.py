@@ -103,13 +103,16 @@ def apply_majority_kernels(
 
     The ``form`` (:mod:`lightning_mk.forms`) says how the copies are stored: ``"copies"`` (``[k, *S]``; the
     deployed kernel, their mean, gets 1/k of the sampled kernel's gradient, so it trains k times slower
-    than the plain model under SGD, about sqrt(k) under Adam) or ``"decoupled"`` (``[k + 1, *S]``: the
-    deployed kernel ``mu``, which gets the plain model's gradient, and k deviations). Replicated, ``mu`` is
-    the weight and the deviations zero (plus ``init_noise``); independent, ``mu`` is the draws' mean.
+    than the plain model under SGD, about sqrt(k) under Adam), ``"decoupled"`` (``[k + 1, *S]``: the
+    deployed kernel ``mu``, which gets the plain model's gradient, and k deviations) or ``"relative"`` (stored
+    as decoupled; a draw's distance from ``mu`` is ``noise`` times ``mu``'s RMS). Replicated, ``mu`` is the
+    weight and the deviations zero (plus ``init_noise``, which is 1 for ``"relative"``); independent, ``mu``
+    is the draws' mean.
 
     ``grad_scale`` multiplies the copies' gradients (decoupled: the deviations' only). ``noise`` scales
     each draw's deviation from the eval-mode kernel, unbiased at any level; the handle's ``draws.noise``
-    changes it during training (the callback's ``anneal_noise`` does).
+    changes it during training (the callback's ``anneal_noise`` and :class:`~lightning_mk.control.NoiseOnGap`
+    do). ``decay`` adds L2 weight decay on the deployed kernel to its gradient, in proportion to the level.
 
     ``rank`` (e.g. the process's global rank) gives each data-parallel process its own draws
     ("per-rank noise"); ``None`` (default) draws the same coefficients in every process.

@@ -61,7 +61,18 @@ class MajorityKernelCallback(Callback):
     it restores them exactly when a fit resumes. One draw is made per optimizer step, so micro-batches
     accumulated into one step share it (accumulating equals training with the larger batch).
 
+    By default the strength of the draws sets itself: ``form="relative"`` trains the deployed kernel at the plain
+    model's pace with draws at a fixed relative distance from it, the noise level starts at zero (plain training)
+    and follows the gap between the training loss and the validation loss named by ``monitor``
+    (:class:`~lightning_mk.control.NoiseOnGap`, up to ``noise``), and ``decay`` holds the deployed kernel's norm
+    in proportion. :meth:`published` gives the method as published.
+
     Args:
+        monitor: the logged validation loss that sets the noise level (``"auto"``: ``val_loss``, ``val/loss``,
+            ``valid_loss``, ``validation_loss``, or their ``_epoch`` forms; without one the level stays at zero,
+            with a warning); None: a fixed level, ``noise``.
+        form, noise, decay: as in :class:`~lightning_mk.settings.Settings`, with the defaults above (``noise``:
+            the controller's ceiling when ``monitor`` is set).
         anneal_noise: shrink the noise level linearly from ``noise`` to zero over training
             (``trainer.estimated_stepping_batches``), so the last steps train the model that is evaluated
             and deployed.
@@ -73,9 +84,9 @@ class MajorityKernelCallback(Callback):
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
             under FSDP from each rank's own rows of the copies, under DeepSpeed one kernel at a time.
-        **settings: the options of :class:`~lightning_mk.settings.Settings`, by name: ``k``, ``scheme``,
-            ``init``, ``form``, ``include``, ``exclude``, ``layer_types``, ``biases``, ``init_noise``,
-            ``grad_scale``, ``noise``, ``seed``. Resuming a fit needs the checkpoint's k, scheme, init,
+        **settings: the other options of :class:`~lightning_mk.settings.Settings`, by name: ``k``, ``scheme``,
+            ``init``, ``include``, ``exclude``, ``layer_types``, ``biases``, ``init_noise``, ``grad_scale``,
+            ``seed``. Resuming a fit needs the checkpoint's k, scheme, init,
             form and seed (refused otherwise, naming both values). The coverage is logged when the model is
             rewritten, with a warning when layers of unregistered types hold over 10% of the parameters.
     """

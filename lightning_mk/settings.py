@@ -29,8 +29,9 @@ class Settings:
         init: ``"replicate"`` (every copy starts at the current weight, plus ``init_noise``) or
             ``"independent"`` (each copy re-drawn by the layer's own initializer).
         form: how a kernel's copies are stored and folded, a name in :data:`lightning_mk.FORMS`:
-            ``"copies"`` (the k copies; their mean trains k times slower under SGD) or ``"decoupled"``
-            (the deployed kernel ``mu`` and k deviations; ``mu`` gets the plain model's gradient).
+            ``"copies"`` (the k copies; their mean trains k times slower under SGD), ``"decoupled"``
+            (the deployed kernel ``mu`` and k deviations; ``mu`` gets the plain model's gradient) or
+            ``"relative"`` (as decoupled, with draws rescaled to ``noise`` times ``mu``'s RMS from ``mu``).
         include: module-name globs choosing the layers (default: every eligible layer).
         exclude: module-name globs leaving layers out (e.g. ``["head"]``).
         layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mk import MajorityKernelCallback, NoiseOnGap
-from tests.helpers import TinyModule, loader, trainer
+from helpers import TinyModule, loader, trainer
 
 
 def test_the_level_rises_while_the_model_overfits_and_falls_while_it_does_not():

@@ -32,8 +32,8 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from lightning_mk.apply import MajorityKernels, apply_majority_kernels
     from lightning_mk.callback import MajorityKernelCallback
-    from lightning_mk.control import NoiseOnGap
     from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread, kernel_copies
+    from lightning_mk.control import NoiseOnGap
     from lightning_mk.forms import FORMS, Form, register_form
     from lightning_mk.layers import register_layer
     from lightning_mk.schemes import SCHEMES, Scheme, register_scheme

@@ -28,8 +28,8 @@ from typing_extensions import override
 
 from lightning_mk.apply import MajorityKernels, apply_majority_kernels
 from lightning_mk.atomic import write_atomically
-from lightning_mk.control import NoiseOnGap
 from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread
+from lightning_mk.control import NoiseOnGap
 from lightning_mk.layers import Coverage
 from lightning_mk.parametrization import MajorityKernel, has_majority_kernels
 from lightning_mk.settings import Settings

@@ -26,7 +26,7 @@ def main(root: Path) -> None:
     runs: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for protocol in ("equal", "converge"):
-            if (task_dir / protocol).is_dir():
+            if any((task_dir / protocol).glob("**/results.jsonl")):  # a task still running may have none yet
                 for run in load_results([task_dir / protocol]):
                     runs[task_dir.name, protocol][run["method"]][run["seed"]] = run
     verdict = defaultdict(dict)

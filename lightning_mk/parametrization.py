@@ -190,10 +190,12 @@ class MajorityKernel(nn.Module):
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
         kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state)))
-        if self.draws.noisy:
-            kernel = torch.lerp(self._form.deployed(stored, rows), kernel, self.draws.level.to(kernel.dtype))
-        if self.draws._decay:
-            kernel = _Decay.apply(kernel, self._form.deployed(stored, rows), self.draws.decay)
+        if self.draws.noisy or self.draws._decay:
+            deployed = self._form.deployed(stored, rows)  # once: the copies form averages k rows for it
+            if self.draws.noisy:
+                kernel = torch.lerp(deployed, kernel, self.draws.level.to(kernel.dtype))
+            if self.draws._decay:
+                kernel = _Decay.apply(kernel, deployed, self.draws.decay)
         return kernel
 
     def right_inverse(self, value: Tensor) -> Tensor:

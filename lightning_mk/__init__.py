@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "MajorityKernelCallback": "lightning_mk.callback",
     "NoiseOnGap": "lightning_mk.control",
+    "NormStatistics": "lightning_mk.norms",
     "Settings": "lightning_mk.settings",
     "MajorityKernels": "lightning_mk.apply",
     "apply_majority_kernels": "lightning_mk.apply",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from lightning_mk.control import NoiseOnGap
     from lightning_mk.forms import FORMS, Form, register_form
     from lightning_mk.layers import register_layer
+    from lightning_mk.norms import NormStatistics
     from lightning_mk.schemes import SCHEMES, Scheme, register_scheme
     from lightning_mk.settings import Settings
 

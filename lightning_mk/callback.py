@@ -17,7 +17,7 @@ import torch
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import _is_dir
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -31,6 +31,7 @@ from lightning_mk.atomic import write_atomically
 from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread
 from lightning_mk.control import NoiseOnGap
 from lightning_mk.layers import Coverage
+from lightning_mk.norms import NormStatistics
 from lightning_mk.parametrization import MajorityKernel, has_majority_kernels
 from lightning_mk.settings import Settings
 
@@ -65,7 +66,8 @@ class MajorityKernelCallback(Callback):
     model's pace with draws at a fixed relative distance from it, the noise level starts at zero (plain training)
     and follows the gap between the training loss and the validation loss named by ``monitor``
     (:class:`~lightning_mk.control.NoiseOnGap`, up to ``noise``), and ``decay`` holds the deployed kernel's norm
-    in proportion. :meth:`published` gives the method as published.
+    in proportion. :meth:`published` gives the method as published. With one of Lightning's ``WeightAveraging``
+    callbacks (``EMAWeightAveraging``) after this one in the trainer's callbacks, the average is what is saved.
 
     Args:
         monitor: the logged validation loss that sets the noise level (``"auto"``: ``val_loss``, ``val/loss``,
@@ -82,6 +84,9 @@ class MajorityKernelCallback(Callback):
             (``s3://...``, through fsspec); default ``<log_dir>/small_model.pt``, for each fit.
         collapse_module: also collapse the in-memory module at the end of ``fit``, so a later
             ``trainer.test()`` or ``trainer.save_checkpoint()`` sees the plain model.
+        norm_batches: after a training step with noise, the deployed model's batch-norm statistics are recomputed
+            before each validation and before saving, from the inputs of the last ``norm_batches`` training forwards
+            (kept in memory; :class:`~lightning_mk.norms.NormStatistics`); 0: they stay the sampled models'.
         log_spread: log each kernel's copy spread (RMS distance from the mean, relative) per epoch;
             under FSDP from each rank's own rows of the copies, under DeepSpeed one kernel at a time.
         **settings: the other options of :class:`~lightning_mk.settings.Settings`, by name: ``k``, ``scheme``,
@@ -103,12 +108,18 @@ class MajorityKernelCallback(Callback):
         form: str = "relative",
         noise: float = 0.3,
         decay: float = 5e-4,
+        norm_batches: int = 8,
         **settings: Any,
     ) -> None:
         self.settings = Settings(form=form, noise=noise, decay=decay, **settings)
         if monitor is not None and not (isinstance(monitor, str) and monitor):
             raise ValueError(f"monitor names the logged validation loss (e.g. 'val_loss'), or is 'auto' or None; got {monitor!r}")
         self.monitor = monitor
+        if isinstance(norm_batches, bool) or not isinstance(norm_batches, int) or norm_batches < 0:
+            raise ValueError(f"norm_batches is the number of training forwards kept for batch-norm statistics, an int >= 0; got {norm_batches!r}")
+        self.norm_batches = norm_batches
+        self._norms: Optional[NormStatistics] = None  # while fitting
+        self._noisy = False  # a training step drew with noise since the statistics were last recomputed
         #: The noise level's controller when ``monitor`` is set (its ceiling is ``noise``), else None.
         self.control = None if monitor is None else NoiseOnGap(self.settings.noise)
         self._unmeasured: Optional[str] = None  # with monitor="auto": why the level stays at zero (warned once)
@@ -133,8 +144,8 @@ class MajorityKernelCallback(Callback):
     @classmethod
     def published(cls, **options: Any) -> "MajorityKernelCallback":
         """Majority Kernels as published: the copies themselves (``form="copies"``), their mean deployed, every
-        draw at full noise, no controller and no decay; ``options`` as for the constructor."""
-        return cls(**(dict(form="copies", noise=1.0, decay=0.0, monitor=None) | options))
+        draw at full noise, no controller, no decay, batch-norm statistics as training left them; ``options`` as for the constructor."""
+        return cls(**(dict(form="copies", noise=1.0, decay=0.0, monitor=None, norm_batches=0) | options))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -159,6 +170,12 @@ class MajorityKernelCallback(Callback):
             if self.anneal_noise and trainer.max_steps == -1 and trainer.max_epochs == -1:
                 raise ValueError("anneal_noise=True needs a finite training length: set max_epochs or max_steps")
             self._resolve_save_path(trainer)
+            averaging = _averaging(trainer.callbacks[: trainer.callbacks.index(self)])
+            if averaging:
+                raise ValueError(
+                    f"{type(averaging[0]).__name__} comes before MajorityKernelCallback in the trainer's callbacks, so it "
+                    "would average the model before it has copies: put MajorityKernelCallback first"
+                )
         # Lightning calls configure_model right after setup; call it first, in the contexts Lightning uses (it
         # must be idempotent: Lightning calls it once per stage), so that layers built there get copies before
         # the strategy wraps the model or a checkpoint is restored, as WeightAveraging does
@@ -166,6 +183,8 @@ class MajorityKernelCallback(Callback):
             with strategy.tensor_init_context(), strategy.model_sharded_context(), trainer.precision_plugin.module_init_context():
                 pl_module.configure_model()
         self._apply(pl_module)
+        if self._fitting and self._norms is None:
+            self._norms = NormStatistics(pl_module, self.norm_batches)
 
     def _resolve_save_path(self, trainer: "pl.Trainer") -> None:
         """This fit's file (``save_path``, or by default in this trainer's log directory), checked on rank zero
@@ -239,6 +258,7 @@ class MajorityKernelCallback(Callback):
         anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
         level = self.settings.noise if self.control is None else self.control.level
         self.kernels.draws.noise = level * anneal
+        self._noisy = self._noisy or level * anneal > 0
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -264,6 +284,16 @@ class MajorityKernelCallback(Callback):
         if self._unmeasured is None:
             self._unmeasured = message
             rank_zero_warn(f"{message}. Until it is, the noise level stays at {self.control.level:g}")
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._fitting and not trainer.sanity_checking:
+            self._recalibrate()
+
+    def _recalibrate(self) -> None:
+        """The deployed model's batch-norm statistics, if a step drew with noise since they were last computed."""
+        if self._noisy and self._norms is not None and self._norms.recalibrate():
+            self._noisy = False
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -298,6 +328,9 @@ class MajorityKernelCallback(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        for averaging in _averaging(trainer.callbacks[trainer.callbacks.index(self) + 1 :]):
+            averaging.on_train_end(trainer, pl_module)  # the average is the model trained: deploy it (idempotent)
+        self._recalibrate()
         state = _full_state(trainer.strategy)
         if trainer.is_global_zero:
             small = collapsed_state_dict(state)
@@ -317,6 +350,9 @@ class MajorityKernelCallback(Callback):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self._norms is not None:
+            self._norms.remove()
+            self._norms = None
         # ddp_spawn/ddp_fork: the main process loads this worker's state dict into its own, plain module with
         # strict=False, which would drop the copies without a word: hand it the deployed model instead
         if stage == "fit" and self.kernels is not None and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
@@ -377,6 +413,10 @@ _VALIDATION_LOSS = re.compile(r"val(id(ation)?)?[_/.\-]?loss(_epoch)?", re.IGNOR
 def _validation_loss(metrics: dict[str, Any]) -> Optional[str]:
     """The name of the validation loss among the logged ``metrics`` (the first in sorted order), or None."""
     return next((name for name in sorted(metrics) if _VALIDATION_LOSS.fullmatch(name)), None)
+
+
+def _averaging(callbacks: list[Callback]) -> list[WeightAveraging]:
+    return [callback for callback in callbacks if isinstance(callback, WeightAveraging)]
 
 
 def _gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:

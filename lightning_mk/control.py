@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
+
+from lightning_mk.settings import is_number
 
 __all__ = ["NoiseOnGap"]
 
 
 def _fraction(name: str, value: Any, top: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= top:
+    if not is_number(value) or not 0 < value <= top:
         raise ValueError(f"{name} must be a number in (0, {top:g}], got {value!r}")
     return float(value)
 
@@ -29,7 +30,7 @@ class NoiseOnGap:
     """
 
     def __init__(self, ceiling: float = 0.3, step: float = 0.1, ratio: float = 0.5) -> None:
-        if isinstance(ceiling, bool) or not isinstance(ceiling, numbers.Real) or not 0 < ceiling < math.inf:
+        if not is_number(ceiling) or not 0 < ceiling < math.inf:
             raise ValueError(f"the noise ceiling must be a number > 0, got {ceiling!r}")
         self.ceiling = float(ceiling)
         self.step = _fraction("step", step)

@@ -92,17 +92,17 @@ class Settings:
             raise TypeError(f"biases must be True or False, got {self.biases!r}")
         if self.init_noise is None:
             object.__setattr__(self, "init_noise", FORMS[self.form].init_noise)
-        if not _is_number(self.init_noise) or self.init_noise < 0:
+        if not is_number(self.init_noise) or self.init_noise < 0:
             raise ValueError(f"init_noise must be a number >= 0, got {self.init_noise!r}")
-        if not _is_number(self.noise) or not 0 <= self.noise < float("inf"):
+        if not is_number(self.noise) or not 0 <= self.noise < float("inf"):
             raise ValueError(f"noise must be a number >= 0 (1: the scheme's draw, 0: the eval-mode kernel), got {self.noise!r}")
-        if not _is_number(self.decay) or not 0 <= self.decay < float("inf"):
+        if not is_number(self.decay) or not 0 <= self.decay < float("inf"):
             raise ValueError(f"decay must be a number >= 0 (L2 weight decay on the deployed kernel), got {self.decay!r}")
         if self.decay and not self.noise:
             raise ValueError("decay is scaled by the noise level relative to noise, which is 0; give noise > 0 or decay=0")
         if isinstance(self.grad_scale, str) and self.grad_scale not in GRAD_SCALES:
             raise ValueError(f"unknown grad_scale {self.grad_scale!r}; valid: {list(GRAD_SCALES)} or a number > 0")
-        if not isinstance(self.grad_scale, str) and (not _is_number(self.grad_scale) or self.grad_scale <= 0):
+        if not isinstance(self.grad_scale, str) and (not is_number(self.grad_scale) or self.grad_scale <= 0):
             raise ValueError(f"grad_scale must be one of {list(GRAD_SCALES)} or a number > 0, got {self.grad_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an integer, got {self.seed!r}")
@@ -132,5 +132,6 @@ class Settings:
             raise ValueError(f"{source} has {was}, but {target} has {now}; use the same {' and '.join(differ)} to resume")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
     return not isinstance(value, bool) and isinstance(value, numbers.Real)

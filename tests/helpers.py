@@ -34,6 +34,17 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+def norm_net(width: int = 16) -> nn.Sequential:
+    """TinyModule's network with batch norm (and dropout between)."""
+    return nn.Sequential(nn.Linear(8, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, 3), nn.BatchNorm1d(3))
+
+
+class NormModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = norm_net()
+
+
 def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)

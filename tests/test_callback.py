@@ -8,12 +8,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch import strategies
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 
 from helpers import TinyModule, loader, trainer
 import lightning_mk.callback as callback_module
-from lightning_mk import MajorityKernelCallback, apply_majority_kernels, kernel_copies
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapsed_state_dict, kernel_copies
 from lightning_mk.atomic import write_atomically
 
 
@@ -160,6 +160,24 @@ class FailsAtStep3(TinyModule):
         if self.training_steps == 3:
             raise RuntimeError("boom")
         return super().training_step(batch, batch_idx)
+
+
+def test_with_ema_after_it_the_average_is_saved(tmp_path):
+    pl.seed_everything(0)
+    cb = MajorityKernelCallback(k=3, monitor=None, noise=0.5, save_path=tmp_path / "small.pt")
+    ema = EMAWeightAveraging(decay=0.9)
+    trainer(tmp_path, max_epochs=2, callbacks=[cb, ema]).fit(TinyModule(), loader(), loader(seed=1))
+    average = collapsed_state_dict(ema._average_model.module.state_dict())
+    small = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert small.keys() == TinyModule().state_dict().keys()
+    for key, value in small.items():
+        torch.testing.assert_close(value, average[key], rtol=0, atol=0)
+
+
+def test_ema_before_it_is_refused_at_setup(tmp_path):
+    t = trainer(tmp_path, callbacks=[EMAWeightAveraging(), MajorityKernelCallback(k=3)])
+    with pytest.raises(ValueError, match="EMAWeightAveraging comes before MajorityKernelCallback"):
+        t.fit(TinyModule(), loader())
 
 
 def test_a_run_that_fails_midway_writes_nothing(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mk import MajorityKernelCallback, NoiseOnGap
-from helpers import TinyModule, loader, trainer
+from helpers import NormModule, TinyModule, loader, trainer
 
 
 def test_the_level_rises_while_the_model_overfits_and_falls_while_it_does_not():
@@ -52,13 +52,19 @@ def _weights(model):
     return {key: value for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
 
 
-def test_while_the_metric_improves_decoupled_training_is_plain_training(tmp_path):
+class _GeneralisingWithNorms(NormModule):
+    on_validation_epoch_end = _Generalising.on_validation_epoch_end
+
+
+@pytest.mark.parametrize("form, module", [("decoupled", _Generalising), ("relative", _GeneralisingWithNorms)])
+def test_while_the_metric_improves_training_is_plain_training(tmp_path, form, module):
+    """Batch-norm statistics included: at zero noise they are not recomputed."""
     pl.seed_everything(0)
-    plain = _Generalising()
+    plain = module()
     trainer(tmp_path, max_epochs=3).fit(plain, loader(), loader(seed=1))
     pl.seed_everything(0)
-    model = _Generalising()
-    cb = MajorityKernelCallback(k=4, form="decoupled", monitor="score", save_path=tmp_path / "small.pt")
+    model = module()
+    cb = MajorityKernelCallback(k=4, form=form, monitor="score", save_path=tmp_path / "small.pt")
     trainer(tmp_path, max_epochs=3, callbacks=[cb]).fit(model, loader(), loader(seed=1))
     assert cb.control.level == 0 and cb.control.updates == 3
     small = torch.load(tmp_path / "small.pt", weights_only=True)

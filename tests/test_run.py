@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import lightning_mk.experiments.run as app
-from lightning_mk import copy_spread
+from lightning_mk import MajorityKernelCallback, copy_spread
 from lightning_mk.experiments.models import Classifier
-from lightning_mk.experiments.run import ConfigError, method_of, run, run_config
+from lightning_mk.experiments.run import ConfigError, check_config, method_of, run, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -35,11 +35,20 @@ def config(tmp_path, *overrides):
 def test_the_method_group_is_the_list_of_methods(tmp_path):
     """Each conf/method/<name>.yaml names its function, which the app runs; no list of methods elsewhere."""
     chosen = {option: method_of(config(tmp_path, f"method={option}")) for option in GROUPS["method"]}
-    variants = {"mk_published": "mk"}  # a config of another method's function
+    variants = {"mk_published": "mk", "mk_ema": "mk", "ema": "averaged", "swa": "averaged"}  # a config of another method's function
     assert {option: m.train.__name__ for option, m in chosen.items()} == {option: variants.get(option, option) for option in GROUPS["method"]}
-    assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg", "ema"}
+    assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg", "ema", "swa"}
     with pytest.raises(ConfigError, match="config key 'method.train' must name a function decorated with"):
         method_of(config(tmp_path, "method=mk", "method.train=lightning_mk.experiments.run.Runner"))
+
+
+def test_method_mk_published_is_the_callbacks_published(tmp_path):
+    from hydra.utils import instantiate
+
+    made = instantiate(config(tmp_path, "method=mk_published").method.callback)
+    published = MajorityKernelCallback.published(k=made.settings.k, seed=made.settings.seed)
+    assert made.settings == published.settings
+    assert (made.monitor, made.norm_batches) == (published.monitor, published.norm_batches)
 
 
 @pytest.mark.parametrize("data, model, method", list(itertools.product(GROUPS["data"], GROUPS["model"], GROUPS["method"])))
@@ -69,7 +78,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     made = []  # the callbacks mk trains with
     monkeypatch.setattr(app, "_callback", lambda *args, make=app._callback, **kw: made.append(make(*args, **kw)) or made[-1])
     result = run(cfg)
-    if method in ("mk", "mk_published"):  # its model has the small size however it trained: check that it trained with copies
+    if method in ("mk", "mk_published", "mk_ema"):  # its model has the small size however it trained: check that it trained with copies
         (mk,) = made
         assert mk.settings.k == 2 and mk.kernels.coverage.kernels > 0
         assert max(copy_spread(mk.kernels.module).values()) > 0, "the copies were drawn and trained apart"
@@ -78,7 +87,7 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "results.jsonl"], "one model file, whatever the method"
     assert "latency_ms" not in result and 0 <= result["val_acc"] <= 1
     assert result["config"] == run_config(cfg, method_of(cfg).uses_k) and result["config"]["model.net.n"] == cfg.model.net.n
-    assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg", "ema"))
+    assert (result["k"] is None) == ("k" not in result["config"]) == (method in ("baseline", "baseline_reg", "ema", "swa"))
     baseline_params = small_params(cfg)
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     if method == "wide":
@@ -312,7 +321,7 @@ def test_wandb_runs_offline_into_the_output_dir_and_the_report_reads_real_runs(t
     assert "time/train_s" in metrics.splitlines()[0]
 
 
-@pytest.mark.parametrize("method", ["baseline", "mk", "ema"])
+@pytest.mark.parametrize("method", ["baseline", "mk", "ema", "mk_ema"])
 def test_early_stopping_deploys_the_best_validation_epoch(tmp_path, method):
     cfg = config(tmp_path, f"method={method}", "k=2", "data.module.num_samples=600", "early_stopping=1",
                  "trainer.max_epochs=4", "+trainer.limit_train_batches=2", "logger=csv")
@@ -326,6 +335,11 @@ def test_early_stopping_deploys_the_best_validation_epoch(tmp_path, method):
 
     fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)  # plain keys at the small size
     fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), strict=True)
+
+
+def test_swa_with_early_stopping_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="method=swa averages from swa_epoch_start to the end"):
+        check_config(config(tmp_path, "method=swa", "early_stopping=5"))
 
 
 def test_distill_from_saved_teachers(tmp_path):

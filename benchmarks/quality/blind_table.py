@@ -18,7 +18,16 @@ import numpy as np
 
 from lightning_mk.experiments.report import load_results, mean_interval
 
-METHODS = {"baseline": "plain", "mk": "MK default", "mk_published": "MK as published", "ema": "EMA", "baseline_reg": "dropout + wd"}
+METHODS = {
+    "baseline": "plain",
+    "mk": "MK default",
+    "mk_published": "MK as published",
+    "ema": "EMA",
+    "mk_ema": "MK + EMA",
+    "swa": "SWA",
+    "baseline_reg": "dropout + wd",
+    "wide": "wide (4x, not deployable)",
+}
 FAMILY = {"mnist1d_mlp": "MLP", "mnist1d_cnn_overfit": "CNN", "mnist1d_transformer_overfit": "Transformer"}  # overfitting tasks
 
 

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_mk import collapsed_state_dict
 from lightning_mk.atomic import write_atomically
 from lightning_mk.experiments.distill import Distiller, Ensemble
 from lightning_mk.experiments import schema  # noqa: F401  (registers method.callback's schema and resolver)
@@ -361,10 +362,19 @@ def _callback(cfg: DictConfig, **options: Any) -> pl.Callback:
         raise
 
 
-@method(uses_k=False, check=_callback)
-def ema(run: Runner) -> tuple[pl.LightningModule, bool]:
-    """Plain training, validated and deployed with an exponential moving average of the weights (Lightning's
-    ``EMAWeightAveraging``, which copies the average into the model at the end)."""
+def _check_averaged(cfg: DictConfig) -> None:
+    average = _callback(cfg)
+    if cfg.get("early_stopping") is not None and isinstance(average, pl.callbacks.StochasticWeightAveraging):
+        raise ConfigError(
+            f"method={cfg.method.name} averages from swa_epoch_start to the end, and early_stopping deploys the best "
+            "validation epoch's checkpoint, written before the average: use one or the other (early_stopping=null)"
+        )
+
+
+@method(uses_k=False, check=_check_averaged)
+def averaged(run: Runner) -> tuple[pl.LightningModule, bool]:
+    """Plain training with one of Lightning's weight-averaging callbacks (``method.callback``:
+    ``EMAWeightAveraging``, ``StochasticWeightAveraging``), which put the average into the model at the end."""
     model = run.module()
     run.fit(model, callbacks=[_callback(run.cfg)])
     return model, True
@@ -375,7 +385,8 @@ def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
     """Majority Kernels: the callback writes the small model's ``state_dict`` to the run's ``model.pt`` (one path
     for every rank), which loads strictly into a new model of the user's class at its own size."""
     path = os.path.join(run.cfg.output_dir, "model.pt")
-    run.fit(run.module(), callbacks=[_callback(run.cfg, save_path=path)])
+    average = run.cfg.method.get("average")  # a weight-averaging callback after it (method=mk_ema): the average is saved
+    run.fit(run.module(), callbacks=[_callback(run.cfg, save_path=path), *([instantiate(average)] if average else [])])
     small = run.module()
     small.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return small, True
@@ -443,9 +454,9 @@ def submodular(run: Runner) -> tuple[pl.LightningModule, bool]:
 
 def _load_best(model: nn.Module, path: str) -> None:
     """Load the deployable model's weights from its best validation epoch's checkpoint, whose ``state_dict`` is
-    the plain model's (for mk the callback collapsed it; for ema the average) or, for distill, holds it under
-    ``net.`` beside the teacher."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    the plain model's (for mk the callback collapsed it; for ema the average; for mk_ema the average of the copies,
+    collapsed here) or, for distill, holds it under ``net.`` beside the teacher."""
+    state = collapsed_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     wanted = model.state_dict().keys()
     if not wanted <= state.keys():
         state = {key[len("net."):]: value for key, value in state.items() if key.startswith("net.")}

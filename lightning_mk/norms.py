@@ -1,0 +1,89 @@
+"""Running statistics of the deployed model's normalisation layers: :class:`NormStatistics`."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._pytree import tree_map
+
+__all__ = ["NormStatistics"]
+
+
+class NormStatistics:
+    """Recomputes the running statistics of a model's batch-norm layers as the deployed kernels make them.
+
+    In training a batch-norm layer records the statistics of the sampled kernels' activations, and the deployed
+    kernel's differ (the draws' noise widens them); evaluating the deployed model with the sampled ones costs
+    accuracy, the more the noisier the draws. So this keeps the inputs of the last ``batches`` training forwards
+    of the outermost modules that hold such layers (references to tensors the step made anyway: ``batches``
+    times one batch of memory), and :meth:`recalibrate` runs them again through the model in eval mode, the
+    kernels deployed and the layers' statistics reset and averaged over those forwards (as
+    ``torch.optim.swa_utils.update_bn`` does for an averaged model). Dropout is off in those forwards, as in
+    evaluation. A model without such layers costs nothing.
+    """
+
+    def __init__(self, module: nn.Module, batches: int) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+        self.inputs: collections.deque = collections.deque(maxlen=max(batches, 1))
+        self._depth = 0  # > 0 inside a recorded forward, whose nested calls are not recorded
+        self._handles = []
+        if not self.norms or batches == 0:
+            return
+        ids = {id(norm) for norm in self.norms}
+        names = [name for name, m in module.named_modules() if id(m) in ids]
+        holders = {".".join(name.split(".")[:i]) for name in names for i in range(name.count(".") + 2)}
+        for name in sorted(holders):  # the layers, the root ("") and every module on the way
+            holder = module.get_submodule(name)
+            self._handles.append(holder.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self._handles.append(holder.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._depth == 0 and module.training:
+            self.inputs.append((module, tree_map(_detached, args), tree_map(_detached, kwargs)))
+        self._depth += 1
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth -= 1
+
+    def recalibrate(self) -> bool:
+        """Reset the layers' statistics and average them over the kept inputs, run through the model in eval mode
+        (its majority kernels deployed) with only those layers training; False when nothing was kept."""
+        if not self.inputs:
+            return False
+        modules = {m for module, _, _ in self.inputs for m in module.modules()}
+        modes = {m: m.training for m in modules}
+        kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in self.norms]
+        try:
+            for m in modules:
+                m.training = False
+            for norm in self.norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average over the kept forwards
+                norm.training = True
+            self._depth = 1  # the forwards below are not recorded
+            with torch.no_grad():
+                for module, args, kwargs in self.inputs:
+                    module(*args, **kwargs)
+        finally:
+            self._depth = 0
+            for norm, (momentum, tracked) in zip(self.norms, kept):
+                norm.momentum = momentum
+                norm.num_batches_tracked.copy_(tracked)  # the count of training batches, as without this
+            for m, mode in modes.items():
+                m.training = mode
+        return True
+
+    def remove(self) -> None:
+        """Remove the hooks and drop the kept inputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.inputs.clear()
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value

@@ -27,27 +27,32 @@ class NormStatistics:
     """
 
     def __init__(self, module: nn.Module, batches: int) -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.track_running_stats]
         self.inputs: collections.deque = collections.deque(maxlen=max(batches, 1))
         self._depth = 0  # > 0 inside a recorded forward, whose nested calls are not recorded
+        self._counted: list[bool] = []  # per running hooked forward: whether it counts in the depth
         self._handles = []
-        if not self.norms or batches == 0:
+        names = [name for name, m in module.named_modules() if _tracks(m)]
+        if not names or batches == 0:
             return
-        ids = {id(norm) for norm in self.norms}
-        names = [name for name, m in module.named_modules() if id(m) in ids]
-        holders = {".".join(name.split(".")[:i]) for name in names for i in range(name.count(".") + 2)}
-        for name in sorted(holders):  # the layers, the root ("") and every module on the way
+        # the root ("") and every module on the way to a layer, the layers' parents included: they stay when a
+        # strategy swaps the layers themselves (DDP's sync_batchnorm converts them to SyncBatchNorm after setup)
+        holders = {".".join(name.split(".")[:i]) for name in names for i in range(name.count(".") + 1)}
+        for name in sorted(holders):
             holder = module.get_submodule(name)
             self._handles.append(holder.register_forward_pre_hook(self._enter, with_kwargs=True))
             self._handles.append(holder.register_forward_hook(self._exit, always_call=True))
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._depth == 0 and module.training:
+        # a forward patched on the instance is Lightning's redirection of training_step through a strategy's
+        # wrapper (DDP, FSDP, DeepSpeed): the step's own calls of the model are the ones to keep
+        counted = "forward" not in vars(module)
+        if counted and self._depth == 0 and module.training:
             self.inputs.append((module, tree_map(_detached, args), tree_map(_detached, kwargs)))
-        self._depth += 1
+        self._depth += counted
+        self._counted.append(counted)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._depth -= 1
+        self._depth -= self._counted.pop()
 
     def recalibrate(self) -> bool:
         """Reset the layers' statistics and average them over the kept inputs, run through the model in eval mode
@@ -55,12 +60,13 @@ class NormStatistics:
         if not self.inputs:
             return False
         modules = {m for module, _, _ in self.inputs for m in module.modules()}
+        norms = [m for m in modules if _tracks(m)]  # found now: the layers may have been swapped since
         modes = {m: m.training for m in modules}
-        kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in self.norms]
+        kept = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
         try:
             for m in modules:
                 m.training = False
-            for norm in self.norms:
+            for norm in norms:
                 norm.reset_running_stats()
                 norm.momentum = None  # a cumulative average over the kept forwards
                 norm.training = True
@@ -70,7 +76,7 @@ class NormStatistics:
                     module(*args, **kwargs)
         finally:
             self._depth = 0
-            for norm, (momentum, tracked) in zip(self.norms, kept):
+            for norm, (momentum, tracked) in zip(norms, kept):
                 norm.momentum = momentum
                 norm.num_batches_tracked.copy_(tracked)  # the count of training batches, as without this
             for m, mode in modes.items():
@@ -83,6 +89,11 @@ class NormStatistics:
             handle.remove()
         self._handles = []
         self.inputs.clear()
+
+
+def _tracks(module: nn.Module) -> bool:
+    """A normalisation layer with running statistics (batch norm, or instance norm that tracks them)."""
+    return isinstance(module, _NormBase) and module.track_running_stats
 
 
 def _detached(value: Any) -> Any:

@@ -2,10 +2,10 @@
 (gloo), Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise, `compile` trains
 ``torch.compile(model, fullgraph=True)`` (backend aot_eager) and counts the graphs dynamo compiled after each batch,
 `gap` sets the noise from the generalisation gap (form="relative", monitor="val_loss") with a validation loss that
-differs between the ranks.
+differs between the ranks, on a model with batch norm (each rank's own statistics: SyncBatchNorm needs GPUs).
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
-parameters, and how many times it wrote the small model.
+parameters, how many times it wrote the small model and recomputed the batch-norm statistics.
 """
 
 import os
@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import TinyModule, loader, trainer  # noqa: E402
+from helpers import NormModule, TinyModule, loader, trainer  # noqa: E402
 
-from lightning_mk import MajorityKernelCallback  # noqa: E402
+from lightning_mk import MajorityKernelCallback, NormStatistics  # noqa: E402
 
 out = sys.argv[1]
+per_rank, compiled, gap = ("per_rank" in sys.argv[3:], "compile" in sys.argv[3:], "gap" in sys.argv[3:])
 writes = []
 _save = torch.save
 
@@ -32,9 +33,12 @@ def counting_save(obj, f, *args, **kwargs):
 
 
 torch.save = counting_save
+recalibrations = []
+_recalibrate = NormStatistics.recalibrate
+NormStatistics.recalibrate = lambda self: recalibrations.append(len(self.inputs)) or _recalibrate(self)
 
 
-class Recording(TinyModule):
+class Recording(NormModule if gap else TinyModule):
     def __init__(self):
         super().__init__()
         self.sampled = []
@@ -65,8 +69,7 @@ class CountFrames(pl.Callback):
 pl.seed_everything(0)
 model = Recording()
 precision = sys.argv[2]
-per_rank, compiled, gap = ("per_rank" in sys.argv[3:], "compile" in sys.argv[3:], "gap" in sys.argv[3:])
-options = dict(form="relative", monitor="val_loss", noise=0.3) if gap else {}
+options = dict(form="relative", monitor="val_loss", noise=0.3, norm_batches=8) if gap else {}
 cb = MajorityKernelCallback.published(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"), **options)
 frames = CountFrames()
 trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb, frames])
@@ -78,6 +81,7 @@ trainer.fit(
 torch.save = _save
 params = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 level = cb.control.state_dict() if gap else None
-torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames, "level": level},
+torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames, "level": level,
+            "recalibrations": recalibrations},
            os.path.join(out, f"rank{trainer.global_rank}.pt"))
 torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

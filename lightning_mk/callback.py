@@ -67,7 +67,8 @@ class MajorityKernelCallback(Callback):
     and follows the gap between the training loss and the validation loss named by ``monitor``
     (:class:`~lightning_mk.control.NoiseOnGap`, up to ``noise``), and ``decay`` holds the deployed kernel's norm
     in proportion. :meth:`published` gives the method as published. With one of Lightning's ``WeightAveraging``
-    callbacks (``EMAWeightAveraging``) after this one in the trainer's callbacks, the average is what is saved.
+    callbacks (``EMAWeightAveraging``) after this one in the trainer's callbacks, the average is what is saved, its
+    batch-norm statistics recomputed.
 
     Args:
         monitor: the logged validation loss that sets the noise level (``"auto"``: ``val_loss``, ``val/loss``,
@@ -330,6 +331,7 @@ class MajorityKernelCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         for averaging in _averaging(trainer.callbacks[trainer.callbacks.index(self) + 1 :]):
             averaging.on_train_end(trainer, pl_module)  # the average is the model trained: deploy it (idempotent)
+            self._noisy = True  # and its batch-norm statistics are an average of statistics: recompute them
         self._recalibrate()
         state = _full_state(trainer.strategy)
         if trainer.is_global_zero:

@@ -3,9 +3,10 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
-from lightning_mk import MajorityKernelCallback, Settings, apply_majority_kernels
+from lightning_mk import MajorityKernelCallback, Settings, apply_majority_kernels, collapsed_state_dict
 from lightning_mk.norms import NormStatistics
 from helpers import NormModule, loader, norm_net, trainer
 
@@ -76,6 +77,26 @@ def test_the_saved_model_has_the_statistics_of_its_last_training_batches(tmp_pat
         torch.testing.assert_close(weights[key], expected[key], rtol=1e-5, atol=1e-6)
     assert weights["1.num_batches_tracked"] == 8
     assert cb._norms is None  # hooks and kept inputs released with the fit
+
+
+class _Generalising(NormModule):
+    def on_validation_epoch_end(self):
+        self.log("score", 0.0)  # below the training loss: the level stays at zero
+
+
+def test_with_ema_after_it_the_average_gets_its_own_statistics(tmp_path):
+    """Even at zero noise: the averaging callback's statistics are an average of statistics."""
+    pl.seed_everything(0)
+    cb = MajorityKernelCallback(k=4, monitor="score", norm_batches=3, save_path=tmp_path / "small.pt")
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer(tmp_path, max_epochs=2, callbacks=[cb, ema]).fit(_Generalising(), loader(), loader(seed=1))
+    assert cb.control.level == 0
+    small = {key.removeprefix("net."): value for key, value in torch.load(tmp_path / "small.pt", weights_only=True).items()}
+    average = {key.removeprefix("net."): value for key, value in collapsed_state_dict(ema._average_model.module.state_dict()).items()}
+    expected = _expected(average, [x for x, _ in loader()][-3:])
+    for key, value in small.items():
+        if "batches_tracked" not in key:  # the count of training batches, as without averaging
+            torch.testing.assert_close(value, expected[key] if "running" in key else average[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [-1, 2.5, True, "8"])

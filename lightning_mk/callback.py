@@ -121,6 +121,7 @@ class MajorityKernelCallback(Callback):
         self.norm_batches = norm_batches
         self._norms: Optional[NormStatistics] = None  # while fitting
         self._noisy = False  # a training step drew with noise since the statistics were last recomputed
+        self._norms_warned = False
         #: The noise level's controller when ``monitor`` is set (its ceiling is ``noise``), else None.
         self.control = None if monitor is None else NoiseOnGap(self.settings.noise)
         self._unmeasured: Optional[str] = None  # with monitor="auto": why the level stays at zero (warned once)
@@ -293,8 +294,17 @@ class MajorityKernelCallback(Callback):
 
     def _recalibrate(self) -> None:
         """The deployed model's batch-norm statistics, if a step drew with noise since they were last computed."""
-        if self._noisy and self._norms is not None and self._norms.recalibrate():
+        if not (self._noisy and self._norms is not None and self._norms._handles):
+            return
+        if self._norms.recalibrate():
             self._noisy = False
+        elif not self._norms_warned:
+            self._norms_warned = True
+            rank_zero_warn(
+                "MajorityKernelCallback: the batch-norm statistics were not recomputed for the deployed kernels: no "
+                "training forward was kept (under torch.compile the model runs in compiled graphs, where keeping "
+                "inputs would recompile every step); they stay those of the sampled kernels"
+            )
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

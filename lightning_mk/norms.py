@@ -43,6 +43,8 @@ class NormStatistics:
             self._handles.append(holder.register_forward_hook(self._exit, always_call=True))
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():  # traced, this would guard on the kept inputs: a recompile per step
+            return
         # a forward patched on the instance is Lightning's redirection of training_step through a strategy's
         # wrapper (DDP, FSDP, DeepSpeed): the step's own calls of the model are the ones to keep
         counted = "forward" not in vars(module)
@@ -52,7 +54,8 @@ class NormStatistics:
         self._counted.append(counted)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._depth -= self._counted.pop()
+        if not torch.compiler.is_compiling():
+            self._depth -= self._counted.pop()
 
     def recalibrate(self) -> bool:
         """Reset the layers' statistics and average them over the kept inputs, run through the model in eval mode

@@ -103,6 +103,30 @@ def test_lightning_fits_a_compiled_module_with_fullgraph(tmp_path):
     TinyModule().load_state_dict(torch.load(tmp_path / "small.pt", weights_only=True))
 
 
+def test_a_compiled_model_with_batch_norm_does_not_recompile_and_says_its_statistics_stay(tmp_path):
+    from helpers import NormModule, loader, trainer
+
+    from lightning_mk import MajorityKernelCallback
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    class Counting(NormModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def on_train_batch_end(self, *args):
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    callback = MajorityKernelCallback(k=4, monitor=None, noise=0.3, save_path=str(tmp_path / "small.pt"))
+    with pytest.warns(UserWarning, match="batch-norm statistics were not recomputed"):
+        trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(torch.compile(Counting(), fullgraph=True, backend="aot_eager"), loader())
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[0] > 0 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+
+
 def test_the_raw_apis_training_forward_is_one_graph():
     """The step hook runs eagerly before the forward, so a compiled training step is the model's graph alone."""
 

@@ -294,7 +294,7 @@ class MajorityKernelCallback(Callback):
 
     def _recalibrate(self) -> None:
         """The deployed model's batch-norm statistics, if a step drew with noise since they were last computed."""
-        if not (self._noisy and self._norms is not None and self._norms._handles):
+        if not (self._noisy and self._norms is not None and self._norms.hooked):
             return
         if self._norms.recalibrate():
             self._noisy = False

@@ -28,8 +28,8 @@ class NormStatistics:
 
     def __init__(self, module: nn.Module, batches: int) -> None:
         self.inputs: collections.deque = collections.deque(maxlen=max(batches, 1))
-        self._depth = 0  # > 0 inside a recorded forward, whose nested calls are not recorded
-        self._counted: list[bool] = []  # per running hooked forward: whether it counts in the depth
+        self._open: list[bool] = []  # per hooked forward running now: whether it counts as the model's call
+        self._replaying = False  # inside recalibrate(), whose forwards are not kept
         self._handles = []
         names = [name for name, m in module.named_modules() if _tracks(m)]
         if not names or batches == 0:
@@ -48,14 +48,19 @@ class NormStatistics:
         # a forward patched on the instance is Lightning's redirection of training_step through a strategy's
         # wrapper (DDP, FSDP, DeepSpeed): the step's own calls of the model are the ones to keep
         counted = "forward" not in vars(module)
-        if counted and self._depth == 0 and module.training:
+        outermost = not self._replaying and not any(self._open)  # nested calls are part of the kept one
+        if counted and outermost and module.training:
             self.inputs.append((module, tree_map(_detached, args), tree_map(_detached, kwargs)))
-        self._depth += counted
-        self._counted.append(counted)
+        self._open.append(counted)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not torch.compiler.is_compiling():
-            self._depth -= self._counted.pop()
+            self._open.pop()
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the model has layers with running statistics to recompute (and this is watching them)."""
+        return bool(self._handles)
 
     def recalibrate(self) -> bool:
         """Reset the layers' statistics and average them over the kept inputs, run through the model in eval mode
@@ -73,12 +78,12 @@ class NormStatistics:
                 norm.reset_running_stats()
                 norm.momentum = None  # a cumulative average over the kept forwards
                 norm.training = True
-            self._depth = 1  # the forwards below are not recorded
+            self._replaying = True
             with torch.no_grad():
                 for module, args, kwargs in self.inputs:
                     module(*args, **kwargs)
         finally:
-            self._depth = 0
+            self._replaying = False
             for norm, (momentum, tracked) in zip(norms, kept):
                 norm.momentum = momentum
                 norm.num_batches_tracked.copy_(tracked)  # the count of training batches, as without this

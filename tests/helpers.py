@@ -45,6 +45,17 @@ class NormModule(TinyModule):
         self.net = norm_net()
 
 
+class Generalising(TinyModule):
+    """Logs a ``score`` always below its training loss: a controller monitoring it keeps the noise at zero."""
+
+    def on_validation_epoch_end(self):
+        self.log("score", 0.0)
+
+
+class GeneralisingWithNorms(NormModule):
+    on_validation_epoch_end = Generalising.on_validation_epoch_end
+
+
 def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)

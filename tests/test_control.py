@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mk import MajorityKernelCallback, NoiseOnGap
-from helpers import NormModule, TinyModule, loader, trainer
+from helpers import Generalising, GeneralisingWithNorms, TinyModule, loader, trainer
 
 
 def test_the_level_rises_while_the_model_overfits_and_falls_while_it_does_not():
@@ -41,22 +41,11 @@ def test_bad_monitor_is_refused_when_the_callback_is_made():
         MajorityKernelCallback(monitor="")
 
 
-class _Generalising(TinyModule):
-    """Its validation loss is always below its training loss: the controller keeps the noise at zero."""
-
-    def on_validation_epoch_end(self):
-        self.log("score", 0.0)
-
-
 def _weights(model):
     return {key: value for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
 
 
-class _GeneralisingWithNorms(NormModule):
-    on_validation_epoch_end = _Generalising.on_validation_epoch_end
-
-
-@pytest.mark.parametrize("form, module", [("decoupled", _Generalising), ("relative", _GeneralisingWithNorms)])
+@pytest.mark.parametrize("form, module", [("decoupled", Generalising), ("relative", GeneralisingWithNorms)])
 def test_while_the_metric_improves_training_is_plain_training(tmp_path, form, module):
     """Batch-norm statistics included: at zero noise they are not recomputed."""
     pl.seed_everything(0)

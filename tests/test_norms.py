@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_mk import MajorityKernelCallback, Settings, apply_majority_kernels, collapsed_state_dict
 from lightning_mk.norms import NormStatistics
-from helpers import NormModule, loader, norm_net, trainer
+from helpers import GeneralisingWithNorms, NormModule, loader, norm_net, trainer
 
 
 def _statistics(model):
@@ -61,7 +61,7 @@ def test_the_deployed_model_gets_the_statistics_of_its_own_kernels():
 
 def test_a_model_without_batch_norm_is_not_hooked():
     norms = NormStatistics(nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4)), batches=8)
-    assert not norms._handles and not norms.recalibrate()
+    assert not norms.hooked and not norms.recalibrate()
 
 
 def test_the_saved_model_has_the_statistics_of_its_last_training_batches(tmp_path):
@@ -79,17 +79,12 @@ def test_the_saved_model_has_the_statistics_of_its_last_training_batches(tmp_pat
     assert cb._norms is None  # hooks and kept inputs released with the fit
 
 
-class _Generalising(NormModule):
-    def on_validation_epoch_end(self):
-        self.log("score", 0.0)  # below the training loss: the level stays at zero
-
-
 def test_with_ema_after_it_the_average_gets_its_own_statistics(tmp_path):
     """Even at zero noise: the averaging callback's statistics are an average of statistics."""
     pl.seed_everything(0)
     cb = MajorityKernelCallback(k=4, monitor="score", norm_batches=3, save_path=tmp_path / "small.pt")
     ema = EMAWeightAveraging(decay=0.5)
-    trainer(tmp_path, max_epochs=2, callbacks=[cb, ema]).fit(_Generalising(), loader(), loader(seed=1))
+    trainer(tmp_path, max_epochs=2, callbacks=[cb, ema]).fit(GeneralisingWithNorms(), loader(), loader(seed=1))
     assert cb.control.level == 0
     small = {key.removeprefix("net."): value for key, value in torch.load(tmp_path / "small.pt", weights_only=True).items()}
     average = {key.removeprefix("net."): value for key, value in collapsed_state_dict(ema._average_model.module.state_dict()).items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import lightning.pytorch as pl
@@ -154,7 +155,7 @@ def main() -> None:
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"Test accuracy (%), `python {' '.join(['benchmarks/quality/heldout.py', *os.sys.argv[1:]])}`:\n\n{table}\n")
+            f.write(f"Test accuracy (%), `python {' '.join(['benchmarks/quality/heldout.py', *sys.argv[1:]])}`:\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -252,6 +252,9 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=mk", "method.callback.scheme=nope"], r"config key 'method.callback': unknown scheme 'nope'; valid schemes: \["),
         (["method=mk", "method.callback.noise=-1"], "config key 'method.callback': noise must be a number >= 0"),
         (["method=mk", "+method.callback.copies=2"], "unexpected keyword argument 'copies'"),
+        (["method=mk_ema", "method.average.decay=1.5"], r"config key 'method.average': Invalid decay value 1.5"),
+        (["method=mk_ema", "method.average._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "~method.average.decay",
+          "+method.average.swa_lrs=0.1"], "'method.average' must make one of Lightning's WeightAveraging callbacks"),
     ],
 )
 def test_bad_config_fails_before_anything_is_made(tmp_path, overrides, message):

@@ -30,7 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -380,7 +380,23 @@ def averaged(run: Runner) -> tuple[pl.LightningModule, bool]:
     return model, True
 
 
-@method(uses_k=True, check=_callback)
+def _check_mk(cfg: DictConfig) -> None:
+    _callback(cfg)
+    average = cfg.method.get("average")
+    if average is None:
+        return
+    try:
+        made = instantiate(average)
+    except InstantiationException as err:
+        raise ConfigError(f"config key 'method.average': {err.__cause__ or err}") from None
+    if not isinstance(made, WeightAveraging):
+        raise ConfigError(
+            f"config key 'method.average' must make one of Lightning's WeightAveraging callbacks (e.g. "
+            f"EMAWeightAveraging), whose average the callback deploys; got {type(made).__name__}"
+        )
+
+
+@method(uses_k=True, check=_check_mk)
 def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
     """Majority Kernels: the callback writes the small model's ``state_dict`` to the run's ``model.pt`` (one path
     for every rank), which loads strictly into a new model of the user's class at its own size."""

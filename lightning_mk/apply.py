@@ -130,13 +130,23 @@ def apply_majority_kernels(
     if has_majority_kernels(module):
         raise ValueError("the module already has majority kernels; call collapse(module) before applying them again")
     eligible = eligible_layers(module, resolve_layer_types(settings.layer_types), settings.biases)
+    form = get_form(settings.form)
+    unsupported: list[str] = []  # chosen kernels the form does not take (left plain)
     users: dict[int, list] = {}  # parameter id -> [(layer name, layer, parameter name)]
     params: dict[int, Tensor] = {}
     for name in choose_layers(eligible, settings.include, settings.exclude):
         for layer, pname in eligible[name]:
             p = layer._parameters[pname]
+            if not form.supports(p):
+                unsupported.append(f"{name}.{pname}")
+                continue
             params[id(p)] = p
             users.setdefault(id(p), []).append((name, layer, pname))
+    if unsupported and not users:
+        raise ValueError(
+            f"form={form.name!r} takes none of the chosen kernels ({', '.join(unsupported[:3])}"
+            f"{', ...' if len(unsupported) > 3 else ''}); it takes {form.takes}"
+        )
     chosen = {(id(layer), pname) for uses in users.values() for _, layer, pname in uses}
     for name, layer in module.named_modules():
         for pname, p in layer._parameters.items():
@@ -159,7 +169,7 @@ def apply_majority_kernels(
         weight = params[pid]
         _, layer, pname = uses[0]
         copies = _init_copies(weight, layer, pname, settings, index)
-        stored = nn.Parameter(get_form(settings.form).store(copies, weight, settings.init == "replicate"))
+        stored = nn.Parameter(form.store(copies, weight, settings.init == "replicate"))
         kernel = MajorityKernel(settings, index, draws, weight.dim())
         for _, layer, pname in uses:
             setattr(layer, pname, stored)  # every holder registers the one stored tensor (MajorityKernel says why)

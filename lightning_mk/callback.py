@@ -30,6 +30,7 @@ from lightning_mk.apply import MajorityKernels, apply_majority_kernels
 from lightning_mk.atomic import write_atomically
 from lightning_mk.collapsing import collapse, collapsed_state_dict, copy_spread
 from lightning_mk.control import NoiseOnGap
+from lightning_mk.forms import get_form
 from lightning_mk.layers import Coverage
 from lightning_mk.norms import NormStatistics
 from lightning_mk.parametrization import MajorityKernel, has_majority_kernels
@@ -123,7 +124,8 @@ class MajorityKernelCallback(Callback):
         self._noisy = False  # a training step drew with noise since the statistics were last recomputed
         self._norms_warned = False
         #: The noise level's controller when ``monitor`` is set (its ceiling is ``noise``), else None.
-        self.control = None if monitor is None else NoiseOnGap(self.settings.noise)
+        self._random = get_form(self.settings.form).random  # False: a re-parametrisation, no draws to control
+        self.control = None if monitor is None or not self._random else NoiseOnGap(self.settings.noise)
         self._unmeasured: Optional[str] = None  # with monitor="auto": why the level stays at zero (warned once)
         self._train_loss: tuple[Any, int] = (0.0, 0)  # sum and count of the training losses since the last validation
         flags = dict(anneal_noise=anneal_noise, per_rank_noise=per_rank_noise, collapse_module=collapse_module)
@@ -260,7 +262,7 @@ class MajorityKernelCallback(Callback):
         anneal = max(0.0, 1.0 - trainer.global_step / self._total_steps) if self.anneal_noise else 1.0
         level = self.settings.noise if self.control is None else self.control.level
         self.kernels.draws.noise = level * anneal
-        self._noisy = self._noisy or level * anneal > 0
+        self._noisy = self._noisy or (self._random and level * anneal > 0)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -329,7 +331,7 @@ class MajorityKernelCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.log_spread:
+        if self.log_spread and self._random:
             spread = _copy_spread(trainer.strategy)
             metrics = {f"mk/spread/{name}": value for name, value in spread.items()}
             metrics["mk/spread"] = sum(spread.values()) / len(spread)

@@ -3,17 +3,19 @@
 A form owns the layout of the one trainable tensor that replaces a kernel ``W`` (shape ``S``): how it is made
 from the initial copies, which of its rows the scheme combines in a training step, the training kernel made
 from that combination, the deployed (eval-mode) kernel, the ``[k, *S]`` copies it stands for, and their
-spread. Add your own with :func:`register_form`; it is then selectable by name everywhere.
+spread. A form that is not :attr:`~Form.random` is a re-parametrisation (:class:`DOConv`): training uses its
+deployed kernel too. Add your own with :func:`register_form`; it is then selectable by name everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Form", "Copies", "Decoupled", "Relative", "FORMS", "register_form", "get_form"]
+__all__ = ["Form", "Copies", "Decoupled", "Relative", "DOConv", "FORMS", "register_form", "get_form"]
 
 
 class Form:
@@ -23,6 +25,14 @@ class Form:
     name: str = ""
     extra_rows = 0  #: rows the stored tensor has besides one per copy
     init_noise = 0.0  #: the relative noise on the initial copies when ``init_noise`` is not given
+    #: False: a training step uses the deployed kernel itself (a re-parametrisation: no draw, no noise level)
+    random = True
+
+    takes = "every kernel"  #: which kernels :meth:`supports`, in words (for error messages)
+
+    def supports(self, weight: Tensor) -> bool:
+        """Whether a kernel like ``weight`` takes this form (others are left plain)."""
+        return True
 
     def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
         """The stored tensor of a kernel whose initial copies are ``copies`` (made from ``weight``; all equal
@@ -122,6 +132,42 @@ class Relative(Decoupled):
         return float(super().spread(rows, first, n_rows, total) > 0)
 
 
+class DOConv(Form):
+    """Depthwise over-parametrised convolution (DO-Conv; Cao et al., 2020): a ``kh x kw`` kernel ``W`` is trained
+    as ``W'[o, i, s] = W[o, i, s] + sum_d W[o, i, d] D[d, i, s]``, one trainable ``(kh kw) x (kh kw)`` matrix ``D``
+    per input channel, and folded into ``W'``. ``D`` starts at zero, so the model starts as it was (pretrained
+    weights too). Stored as ``[1, out + kh kw, in, kh, kw]`` (``W``, then ``D[d, i, s]`` in row ``out + d``).
+    Only kernels with more than one spatial tap: for 1x1 convolutions and Linear layers it is a plain weight.
+    Deterministic: ``k``, the scheme and the noise level have no effect."""
+
+    name = "doconv"
+    random = False
+    takes = "convolution kernels with more than one tap (a 1x1 convolution or a Linear layer stays plain)"
+
+    def supports(self, weight: Tensor) -> bool:
+        return weight.dim() >= 3 and math.prod(weight.shape[2:]) > 1
+
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+        w = weight.detach() if replicated else copies[0]
+        taps = math.prod(w.shape[2:])
+        return torch.cat([w, w.new_zeros(taps, *w.shape[1:])]).unsqueeze(0)
+
+    def rows(self, stored: Tensor) -> Tensor:
+        return stored
+
+    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
+        taps = math.prod(stored.shape[3:])
+        w, d = stored[0, :-taps], stored[0, -taps:]
+        depthwise = torch.einsum("oid,dis->ois", w.flatten(2), d.flatten(2))
+        return w + depthwise.view_as(w)
+
+    def copies(self, stored: Tensor) -> Tensor:
+        return self.deployed(stored, stored).unsqueeze(0)
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        return 0.0
+
+
 def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
@@ -157,3 +203,4 @@ def get_form(name: str) -> Form:
 register_form(Copies())
 register_form(Decoupled())
 register_form(Relative())
+register_form(DOConv())

@@ -184,6 +184,8 @@ class MajorityKernel(nn.Module):
     def _kernel(self, stored: Tensor) -> Tensor:
         if not self.training:
             return self._deployed(stored)
+        if not self._form.random:  # a re-parametrisation: training uses the folded kernel too
+            return self._form.deployed(stored, stored)
         if self.draws._noise == 0 and not torch.compiler.is_compiling():  # the draw is the eval kernel: skip it
             return self._form.deployed(stored, self._form.rows(stored))  # (compiled: one graph for every level)
         rows = self._form.rows(stored)

@@ -45,6 +45,17 @@ class NormModule(TinyModule):
         self.net = norm_net()
 
 
+class ConvModule(TinyModule):
+    """TinyModule with a 1-D convolution first (its input read as one channel of 8 samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return self.net(x.unsqueeze(1))
+
+
 class Generalising(TinyModule):
     """Logs a ``score`` always below its training loss: a controller monitoring it keeps the noise at zero."""
 

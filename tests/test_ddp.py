@@ -9,25 +9,26 @@ import sys
 import pytest
 import torch
 
-from helpers import NormModule, TinyModule
+from helpers import ConvModule, NormModule, TinyModule
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize(
-    "per_rank, precision, compiled, gap",
+    "per_rank, precision, compiled, gap, doconv",
     [
-        (False, "32-true", False, False),
-        (True, "32-true", False, False),
-        (False, "bf16-mixed", False, False),
-        (False, "32-true", True, False),
-        (False, "32-true", False, True),
+        (False, "32-true", False, False, False),
+        (True, "32-true", False, False, False),
+        (False, "bf16-mixed", False, False, False),
+        (False, "32-true", True, False, False),
+        (False, "32-true", False, True, False),
+        (False, "32-true", False, False, True),
     ],
 )
-def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap):
+def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap, doconv):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap
+    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap + ["doconv"] * doconv
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -54,4 +55,4 @@ def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap):
     assert (rank0["writes"], rank1["writes"]) == (1, 0), "the small model is written once, by rank zero"
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in small.values() if v.is_floating_point()), "bf16-mixed keeps fp32 parameters"
-    (NormModule if gap else TinyModule)().load_state_dict(small, strict=True)
+    (NormModule if gap else ConvModule if doconv else TinyModule)().load_state_dict(small, strict=True)

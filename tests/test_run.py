@@ -248,7 +248,7 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
-        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled', 'relative'\]"),
+        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled', 'relative', 'doconv'\]"),
         (["method=mk", "method.callback.scheme=nope"], r"config key 'method.callback': unknown scheme 'nope'; valid schemes: \["),
         (["method=mk", "method.callback.noise=-1"], "config key 'method.callback': noise must be a number >= 0"),
         (["method=mk", "+method.callback.copies=2"], "unexpected keyword argument 'copies'"),

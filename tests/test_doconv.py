@@ -1,0 +1,141 @@
+"""form="doconv" (DO-Conv): a deterministic re-parametrisation of convolution kernels on the same machinery as
+the copies. It starts as the user's model, folds exactly into it, trains both factors, and resumes exactly."""
+
+import copy
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch._dynamo.utils import counters
+
+from helpers import ConvModule, loader, trainer
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapse, collapsed_state_dict
+
+LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 7)),
+    "conv2d_grouped_rectangular": (lambda: nn.Conv2d(4, 6, (3, 2), groups=2), (2, 4, 5, 5)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 3), (2, 3, 4, 4)),
+}
+
+
+def _stored(layer: nn.Module) -> torch.Tensor:
+    return layer.parametrizations.weight.original
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_starts_as_the_model_and_folds_exactly_into_it(name):
+    build, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer, x = build(), torch.randn(shape)
+    plain = copy.deepcopy(layer)
+    apply_majority_kernels(layer, form="doconv")
+    taps = plain.weight[0, 0].numel()
+    assert _stored(layer).shape == (1, plain.weight.shape[0] + taps, *plain.weight.shape[1:])
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)  # D starts at zero: the user's model
+    with torch.no_grad():
+        _stored(layer).normal_()  # as if trained: W and D arbitrary
+    layer.train()
+    trained = layer(x)
+    layer.eval()
+    torch.testing.assert_close(layer(x), trained, rtol=0, atol=0)  # deterministic: training uses the fold too
+    fresh = copy.deepcopy(plain)
+    fresh.load_state_dict(collapsed_state_dict(layer), strict=True)
+    torch.testing.assert_close(fresh(x), trained, rtol=1e-5, atol=1e-5)
+    collapse(layer)
+    assert type(layer.weight) is nn.Parameter and layer.weight.shape == plain.weight.shape
+    torch.testing.assert_close(layer(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fold_is_the_depthwise_product():
+    """W'[:, i] = W[:, i] (I + D_i) per input channel i, written independently with a loop."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(3, 5, 3)
+    apply_majority_kernels(layer, form="doconv")
+    with torch.no_grad():
+        _stored(layer).normal_()
+    stored = _stored(layer)[0].detach()
+    w, d = stored[:5].flatten(2), stored[5:].flatten(2)  # [out, in, 9], [9, in, 9]
+    expected = torch.stack([w[:, i] @ (torch.eye(9) + d[:, i]) for i in range(3)], 1).view(5, 3, 3, 3)
+    torch.testing.assert_close(collapsed_state_dict(layer)["weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_kernels_with_several_taps_and_a_clear_error_without_any():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+    handle = apply_majority_kernels(net, form="doconv")
+    assert handle.coverage.kernels == 1
+    assert [name for name, p in net.named_parameters() if "original" in name] == ["0.parametrizations.weight.original"]
+    with pytest.raises(ValueError, match=r"form='doconv' takes none of the chosen kernels \(0.weight, 1.weight\); it takes convolution kernels with more than one tap"):
+        apply_majority_kernels(nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1)), form="doconv")
+
+
+def test_both_factors_train_and_w_starts_with_the_plain_gradient():
+    torch.manual_seed(2)
+    layer, x = nn.Conv1d(2, 3, 3), torch.randn(4, 2, 9)
+    plain = copy.deepcopy(layer)
+    apply_majority_kernels(layer, form="doconv")
+    layer(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    grad = _stored(layer).grad[0]
+    torch.testing.assert_close(grad[:3], plain.weight.grad)  # at D = 0, dL/dW = dL/dW'
+    assert grad[3:].abs().sum() > 0, "D gets a gradient"
+
+
+def _fit(root, epochs, ckpt_path=None, init_seed=0):
+    os.makedirs(root, exist_ok=True)
+    pl.seed_everything(init_seed)
+    model = ConvModule()
+    callback = MajorityKernelCallback(form="doconv", seed=7, save_path=os.path.join(root, "small.pt"))
+    ckpt = ModelCheckpoint(dirpath=root, filename="last")
+    trainer(root, max_epochs=epochs, callbacks=[callback, ckpt], enable_checkpointing=True).fit(model, loader(), loader(seed=1), ckpt_path=ckpt_path)
+    return model, callback
+
+
+def test_callback_saves_the_users_model_and_resumes_exactly(tmp_path):
+    straight, callback = _fit(str(tmp_path / "a"), 2)
+    assert callback.control is None and callback.kernels.draws.noise == 0.3  # nothing drawn, nothing controlled
+    _fit(str(tmp_path / "b"), 1)
+    resumed, _ = _fit(str(tmp_path / "b"), 2, ckpt_path=str(tmp_path / "b" / "last.ckpt"), init_seed=1)
+    state = straight.state_dict()
+    for key, value in resumed.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+    assert _stored(straight.net[0])[0, 4:].abs().sum() > 0, "D trained"
+    small = torch.load(tmp_path / "a" / "small.pt", weights_only=True)
+    user = ConvModule()
+    user.load_state_dict(small, strict=True)
+    x = torch.randn(5, 8)
+    straight.eval()
+    torch.testing.assert_close(user(x), straight(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_with_fullgraph_without_recompiling():
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    losses = []
+    for compiled in (False, True):
+        net = copy.deepcopy(base)
+        apply_majority_kernels(net, form="doconv", step_on_forward=False)  # nothing to draw (as the callback applies it)
+        torch._dynamo.reset()
+        counters.clear()
+        forward = torch.compile(net, fullgraph=True, backend="aot_eager") if compiled else net
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        run, graphs = [], []
+        for _ in range(5):
+            x, y = torch.randn(8, 1, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+            loss = F.cross_entropy(forward(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        if compiled:
+            assert graphs[0] > 0 and graphs[-1] == graphs[0], f"recompiled: {graphs}"
+        losses.append(run)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

@@ -4,7 +4,7 @@
 
 One table per protocol: per task, each method's mean test accuracy over seeds and its difference to plain
 training with the paired 95 % t-interval over seeds; the converge protocol adds the mean epochs to the best
-validation epoch. Then the default rule, checked for MK's default and MK + EMA: (a) no task more than 0.5 points below plain under either
+validation epoch (SWA, without early stopping, deploys its final average). Then the default rule, checked for MK's default and MK + EMA: (a) no task more than 0.5 points below plain under either
 protocol, (b) an interval above zero on the overfitting tasks of at least two of the three families.
 """
 
@@ -26,6 +26,7 @@ METHODS = {
     "mk_ema": "MK + EMA",
     "swa": "SWA",
     "baseline_reg": "dropout + wd",
+    "distill": "distillation (tuned, wide teacher)",
     "wide": "wide (4x, not deployable)",
 }
 CANDIDATES = ("mk", "mk_ema")  # checked against the rule (MK + EMA with EMA's decay tuned per task)
@@ -45,7 +46,7 @@ def main(root: Path) -> None:
         methods = [m for m in METHODS if any(m in runs[t, protocol] for t in tasks)]
         print(f"\n## Protocol: {protocol}\n")
         print("Test accuracy (%), mean over seeds; in brackets the difference to plain, paired by seed, with its 95 % interval."
-              + (" Epochs: mean epoch of the deployed (best validation) model." if protocol == "converge" else ""))
+              + (" Epochs: mean epoch of the deployed (best validation) model; SWA trains all 3x epochs without early stopping and deploys its average." if protocol == "converge" else ""))
         print()
         print("| task | seeds | " + " | ".join(METHODS[m] for m in methods) + (" | epochs (plain / MK default) |" if protocol == "converge" else " |"))
         print("| --- | --: |" + " --: |" * len(methods) + (" --: |" if protocol == "converge" else ""))

@@ -124,7 +124,6 @@ class MajorityKernelCallback(Callback):
         self._noisy = False  # a training step drew with noise since the statistics were last recomputed
         self._norms_warned = False
         #: The noise level's controller when ``monitor`` is set (its ceiling is ``noise``), else None.
-        self._random = get_form(self.settings.form).random  # False: a re-parametrisation, no draws to control
         self.control = None if monitor is None or not self._random else NoiseOnGap(self.settings.noise)
         self._unmeasured: Optional[str] = None  # with monitor="auto": why the level stays at zero (warned once)
         self._train_loss: tuple[Any, int] = (0.0, 0)  # sum and count of the training losses since the last validation
@@ -144,6 +143,11 @@ class MajorityKernelCallback(Callback):
         #: The file the current (or last) fit writes the small model to: ``save_path``, or its default.
         self.small_model_path = self.save_path
         self._total_steps = 0  # optimizer steps in this fit, for anneal_noise
+
+    @property
+    def _random(self) -> bool:
+        """False for a re-parametrisation (``form="doconv"``): no draws, so no noise level to control or log."""
+        return get_form(self.settings.form).random
 
     @classmethod
     def published(cls, **options: Any) -> "MajorityKernelCallback":

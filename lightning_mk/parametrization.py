@@ -184,10 +184,10 @@ class MajorityKernel(nn.Module):
     def _kernel(self, stored: Tensor) -> Tensor:
         if not self.training:
             return self._deployed(stored)
-        if not self._form.random:  # a re-parametrisation: training uses the folded kernel too
-            return self._form.deployed(stored, stored)
-        if self.draws._noise == 0 and not torch.compiler.is_compiling():  # the draw is the eval kernel: skip it
-            return self._form.deployed(stored, self._form.rows(stored))  # (compiled: one graph for every level)
+        # a re-parametrisation trains its deployed kernel; at zero noise the draw is the eval kernel: skip it
+        # (compiled, the draw stays: one graph for every level)
+        if not self._form.random or (self.draws._noise == 0 and not torch.compiler.is_compiling()):
+            return self._form.deployed(stored, self._form.rows(stored))
         rows = self._form.rows(stored)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)

@@ -351,15 +351,20 @@ def baseline_reg(run: Runner) -> tuple[pl.LightningModule, bool]:
     return model, True
 
 
-def _callback(cfg: DictConfig, **options: Any) -> pl.Callback:
-    """The method's callback, made from ``method.callback``. The config check makes one too, so that an option
-    the callback refuses fails before any run folder or logger, as a :class:`ConfigError` with its message."""
+def _made(cfg: DictConfig, key: str, **options: Any) -> Any:
+    """``instantiate`` of the config at ``method.<key>``, an argument it refuses raised as a :class:`ConfigError`
+    with its message (config checks make the objects too, so this fails before any run folder or logger)."""
     try:
-        return instantiate(cfg.method.callback, **options)
+        return instantiate(cfg.method[key], **options)
     except InstantiationException as err:
         if isinstance(err.__cause__, (ValueError, TypeError)):
-            raise ConfigError(f"config key 'method.callback': {err.__cause__}") from None
+            raise ConfigError(f"config key 'method.{key}': {err.__cause__}") from None
         raise
+
+
+def _callback(cfg: DictConfig, **options: Any) -> pl.Callback:
+    """The method's callback, made from ``method.callback``."""
+    return _made(cfg, "callback", **options)
 
 
 def _check_averaged(cfg: DictConfig) -> None:
@@ -382,13 +387,9 @@ def averaged(run: Runner) -> tuple[pl.LightningModule, bool]:
 
 def _check_mk(cfg: DictConfig) -> None:
     _callback(cfg)
-    average = cfg.method.get("average")
-    if average is None:
+    if cfg.method.get("average") is None:
         return
-    try:
-        made = instantiate(average)
-    except InstantiationException as err:
-        raise ConfigError(f"config key 'method.average': {err.__cause__ or err}") from None
+    made = _made(cfg, "average")
     if not isinstance(made, WeightAveraging):
         raise ConfigError(
             f"config key 'method.average' must make one of Lightning's WeightAveraging callbacks (e.g. "

@@ -13,7 +13,8 @@ and the inference latency of a collapsed model against the plain model (the same
 the ratio should be 1.00), and of the MK model in eval mode (its mean is computed once and reused).
 
 ``--compile``: plain, the floor and every scheme at k = 4, each eager and ``torch.compile(model,
-fullgraph=True)`` (inductor), interleaved. ``--profile MODEL VARIANT``: the top operators of 10 eager
+fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (the copies, and the
+callback's default form ``relative``), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
 steps of one variant (torch.profiler), to see where its time goes.
 """
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mk import apply_majority_kernels, collapse
+from lightning_mk.forms import get_form
 from lightning_mk.layers import eligible_layers, resolve_layer_types
 from lightning_mk.experiments.models import MLP, ResNet, Transformer
 from lightning_mk.schemes import SCHEMES
@@ -97,6 +99,20 @@ def variants(model_name: str, optimizer: str):
         yield f"wide k={k}", lambda k=k: Variant(f"wide k={k}", build(k * n), optimizer, shape)
 
 
+def family(model_name: str, optimizer: str, k: int = 4):
+    """MK with the callback's default form, and the re-parametrisations DO-Conv (where the model has convolutions
+    with several taps) and ExpandNets, at ``k``: (name, builder) as :func:`variants`."""
+    build, shape, n = MODELS[model_name]
+    torch.manual_seed(0)
+    plain = build(n)
+    options = {f"mk relative k={k}": dict(k=k, form="relative"), f"expand k={k}": dict(k=k, form="expand")}
+    eligible = eligible_layers(plain, resolve_layer_types(None), biases=False)
+    if any(get_form("doconv").supports(layer, layer._parameters[p]) for uses in eligible.values() for layer, p in uses):
+        options["doconv"] = dict(form="doconv")
+    for name, chosen in options.items():
+        yield name, lambda name=name, chosen=chosen: Variant(name, apply_majority_kernels(copy.deepcopy(plain), **chosen).module, optimizer, shape)
+
+
 def time_steps(model_name: str, optimizer: str, steps: int, rounds: int) -> dict[str, float]:
     built = [make() for _, make in variants(model_name, optimizer)]
     for v in built:  # warm-up
@@ -130,7 +146,7 @@ def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    v = dict(variants(model_name, optimizer))[variant]()
+    v = (dict(variants(model_name, optimizer)) | dict(family(model_name, optimizer)))[variant]()
     for _ in range(3):
         v.step()
     done.set()
@@ -145,11 +161,16 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
-    """Median step of plain, the floor and every scheme at k, eager and ``torch.compile(fullgraph=True)``
-    (inductor; the optimizer step stays eager), interleaved after warm-up."""
-    wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES]
+def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, with_family: bool = False, k: int = 4) -> list[str]:
+    """Median step of plain, the floor and every scheme at k (``with_family``: MK's copies and relative forms, DO-Conv
+    and ExpandNets, with their peak extra memory, eager), eager and ``torch.compile(fullgraph=True)`` (inductor;
+    the optimizer step stays eager), interleaved after warm-up."""
     made = dict(variants(model_name, optimizer))
+    if with_family:
+        made |= dict(family(model_name, optimizer, k))
+        wanted = [name for name in ("plain", f"floor k={k}", f"mk select k={k}", f"mk relative k={k}", "doconv", f"expand k={k}") if name in made]
+    else:
+        wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES]
     runs = {}
     for name in wanted:
         runs[f"{name}, eager"] = made[name]()
@@ -169,9 +190,10 @@ def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, 
     rows = []
     for name in wanted:
         eager, compiled = med[f"{name}, eager"], med[f"{name}, compiled"]
+        memory = f" {peak_memory_mb(model_name, optimizer, name):.1f} |" if with_family else ""
         rows.append(
             f"| {model_name} | {name} | {eager * 1000:.2f} | {compiled * 1000:.2f} | {eager / med['plain, eager']:.2f} "
-            f"| {compiled / med['plain, compiled']:.2f} |"
+            f"| {compiled / med['plain, compiled']:.2f} |{memory}"
         )
     return rows
 
@@ -232,6 +254,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager, k=4")
+    parser.add_argument("--family", action="store_true", help="as --compile, for MK, DO-Conv and ExpandNets, with memory")
     parser.add_argument("--latency", action="store_true", help="only the collapse and inference-latency part")
     parser.add_argument("--profile", nargs=2, metavar=("MODEL", "VARIANT"), help='e.g. mlp "mk select k=4"')
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -252,15 +275,17 @@ def main() -> None:
         lines += ["## Collapse and inference", ""] + collapse_and_latency() + [""]
         print("\n".join(lines[-3:]))
         return _write(args, "latency", lines)
-    if args.compile:
+    if args.compile or args.family:
         lines += [
-            "| model | variant | eager (ms) | compiled (ms) | eager / plain eager | compiled / plain compiled |",
-            "|---|---|--:|--:|--:|--:|",
+            "| model | variant | eager (ms) | compiled (ms) | eager / plain eager | compiled / plain compiled |"
+            + (" peak extra memory, eager (MB) |" if args.family else ""),
+            "|---|---|--:|--:|--:|--:|" + ("--:|" if args.family else ""),
         ]
         for model_name in args.models:
-            lines += compiled_vs_eager(model_name, args.optimizer, args.steps, args.rounds)
-            print("\n".join(lines[-len(SCHEMES) - 2 :]), flush=True)
-        return _write(args, "compile", lines)
+            rows = compiled_vs_eager(model_name, args.optimizer, args.steps, args.rounds, with_family=args.family)
+            lines += rows
+            print("\n".join(rows), flush=True)
+        return _write(args, "family" if args.family else "compile", lines)
     for model_name in args.models:
         build, _, n = MODELS[model_name]
         plain = build(n)

@@ -137,7 +137,7 @@ def apply_majority_kernels(
     for name in choose_layers(eligible, settings.include, settings.exclude):
         for layer, pname in eligible[name]:
             p = layer._parameters[pname]
-            if not form.supports(p):
+            if not form.supports(layer, p):
                 unsupported.append(f"{name}.{pname}")
                 continue
             params[id(p)] = p
@@ -169,8 +169,8 @@ def apply_majority_kernels(
         weight = params[pid]
         _, layer, pname = uses[0]
         copies = _init_copies(weight, layer, pname, settings, index)
-        stored = nn.Parameter(form.store(copies, weight, settings.init == "replicate"))
         kernel = MajorityKernel(settings, index, draws, weight.dim())
+        stored = nn.Parameter(kernel.store(copies, weight, settings.init == "replicate"))
         for _, layer, pname in uses:
             setattr(layer, pname, stored)  # every holder registers the one stored tensor (MajorityKernel says why)
             parametrize.register_parametrization(layer, pname, kernel, unsafe=True)

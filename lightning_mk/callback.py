@@ -146,7 +146,7 @@ class MajorityKernelCallback(Callback):
 
     @property
     def _random(self) -> bool:
-        """False for a re-parametrisation (``form="doconv"``): no draws, so no noise level to control or log."""
+        """False for a re-parametrisation (``form="doconv"``, ``"expand"``): no draws, so no noise level to control or log."""
         return get_form(self.settings.form).random
 
     @classmethod

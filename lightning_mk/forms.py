@@ -3,19 +3,20 @@
 A form owns the layout of the one trainable tensor that replaces a kernel ``W`` (shape ``S``): how it is made
 from the initial copies, which of its rows the scheme combines in a training step, the training kernel made
 from that combination, the deployed (eval-mode) kernel, the ``[k, *S]`` copies it stands for, and their
-spread. A form that is not :attr:`~Form.random` is a re-parametrisation (:class:`DOConv`): training uses its
-deployed kernel too. Add your own with :func:`register_form`; it is then selectable by name everywhere.
+spread. A form that is not :attr:`~Form.random` is a re-parametrisation (:class:`DOConv`, :class:`Expand`):
+training uses its deployed kernel too. Add your own with :func:`register_form`; it is then selectable by name everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Form", "Copies", "Decoupled", "Relative", "DOConv", "FORMS", "register_form", "get_form"]
+__all__ = ["Form", "Copies", "Decoupled", "Relative", "DOConv", "Expand", "FORMS", "register_form", "get_form"]
 
 
 class Form:
@@ -30,13 +31,14 @@ class Form:
 
     takes = "every kernel"  #: which kernels :meth:`supports`, in words (for error messages)
 
-    def supports(self, weight: Tensor) -> bool:
-        """Whether a kernel like ``weight`` takes this form (others are left plain)."""
+    def supports(self, layer: nn.Module, weight: Tensor) -> bool:
+        """Whether ``layer``'s kernel ``weight`` takes this form (others are left plain)."""
         return True
 
-    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool, seed: int) -> Tensor:
         """The stored tensor of a kernel whose initial copies are ``copies`` (made from ``weight``; all equal
-        to it, before any noise, when ``replicated``)."""
+        to it, before any noise, when ``replicated``); ``seed`` keys any randomness it needs (the same in
+        every process, its own for each kernel)."""
         return copies
 
     def rows(self, stored: Tensor) -> Tensor:
@@ -80,7 +82,7 @@ class Decoupled(Form):
     name = "decoupled"
     extra_rows = 1
 
-    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool, seed: int) -> Tensor:
         mu = weight.detach().clone() if replicated else copies.mean(0)
         return torch.cat([mu.unsqueeze(0), copies - mu])
 
@@ -144,10 +146,10 @@ class DOConv(Form):
     random = False
     takes = "convolution kernels with more than one tap (a 1x1 convolution or a Linear layer stays plain)"
 
-    def supports(self, weight: Tensor) -> bool:
+    def supports(self, layer: nn.Module, weight: Tensor) -> bool:
         return weight.dim() >= 3 and math.prod(weight.shape[2:]) > 1
 
-    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool, seed: int) -> Tensor:
         w = weight.detach() if replicated else copies[0]
         taps = math.prod(w.shape[2:])
         return torch.cat([w, w.new_zeros(taps, *w.shape[1:])]).unsqueeze(0)
@@ -166,6 +168,77 @@ class DOConv(Form):
 
     def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
         return 0.0
+
+
+class Expand(Form):
+    """ExpandNets (Guo, Alvarez, Salzmann, 2020): a kernel ``W`` (``[out, in, *taps]``) trained as the product
+    ``C B A`` of three linear factors, ``A [k in, in]``, ``B [k out, k in, *taps]``, ``C [out, k out]`` (a Linear
+    layer in -> k in -> k out -> out; a convolution 1x1 -> kxk -> 1x1, ExpandNets' "CL" expansion) and contracted
+    into ``W`` for deployment; ``k`` is the expansion factor. At the start the product is the kernel itself (``A``
+    and ``C`` random with orthonormal columns and rows, ``B = C^T W A^T``), so a pretrained model starts exact.
+
+    Stored as ``[k, out, k in + e, *taps]``: slice ``j`` holds row block ``j`` of ``B`` (columns ``:k in``), and in
+    its last ``e`` columns, flattened, column block ``j`` of ``C`` transposed, then row block ``j`` of ``A``, then
+    fewer than ``out * taps`` zeros of padding that get no gradient (``e``, the fewest columns that hold them, makes
+    the layout tell ``in`` apart). Deterministic: the scheme and the noise level have no effect. Not for
+    embedding tables."""
+
+    name = "expand"
+    random = False
+    takes = "kernels of Linear, convolution and recurrent layers (an embedding table stays plain)"
+
+    def supports(self, layer: nn.Module, weight: Tensor) -> bool:
+        return weight.dim() >= 2 and not isinstance(layer, nn.Embedding)
+
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool, seed: int) -> Tensor:
+        w = (weight.detach() if replicated else copies[0]).float()
+        k, (out, n_in), taps = copies.shape[0], w.shape[:2], w.shape[2:]
+        generator = torch.Generator(w.device).manual_seed(seed)
+        a = torch.linalg.qr(torch.randn(k * n_in, n_in, generator=generator, device=w.device)).Q  # A^T A = I
+        c = torch.linalg.qr(torch.randn(k * out, out, generator=generator, device=w.device)).Q.T  # C C^T = I
+        b = torch.einsum("op,oit,qi->pqt", c, w.reshape(out, n_in, -1), a)
+        extra = w.new_zeros(k, out * _expand_extra(out, n_in, math.prod(taps)) * math.prod(taps))
+        extra[:, : out * out] = c.reshape(out, k, out).permute(1, 2, 0).reshape(k, -1)
+        extra[:, out * out : out * out + n_in * n_in] = a.reshape(k, -1)
+        stored = torch.cat([b.reshape(k, out, k * n_in, *taps), extra.view(k, out, -1, *taps)], 2)
+        return stored.to(weight.dtype)
+
+    def rows(self, stored: Tensor) -> Tensor:
+        return stored
+
+    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
+        k, out, columns, *taps = stored.shape
+        n_in = _expand_in(k, out, columns, math.prod(taps))
+        b = stored[:, :, : k * n_in].reshape(k * out, k * n_in, -1)
+        extra = stored[:, :, k * n_in :].reshape(k, -1)
+        c = extra[:, : out * out].reshape(k, out, out).permute(2, 0, 1).reshape(out, k * out)
+        a = extra[:, out * out : out * out + n_in * n_in].reshape(k * n_in, n_in)
+        if out <= n_in:  # the cheaper order of the two contractions
+            w = torch.einsum("oqt,qi->oit", torch.einsum("op,pqt->oqt", c, b), a)
+        else:
+            w = torch.einsum("op,pit->oit", c, torch.einsum("pqt,qi->pit", b, a))
+        return w.reshape(out, n_in, *taps)
+
+    def copies(self, stored: Tensor) -> Tensor:
+        return self.deployed(stored, stored).unsqueeze(0)
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        return 0.0
+
+
+def _expand_extra(out: int, n_in: int, taps: int) -> int:
+    """The columns after ``B`` in :class:`Expand`'s layout: the fewest that hold ``C``'s and ``A``'s blocks."""
+    return -(-(out * out + n_in * n_in) // (out * taps))
+
+
+@functools.lru_cache(maxsize=None)
+def _expand_in(k: int, out: int, columns: int, taps: int) -> int:
+    """The ``in`` of an :class:`Expand` layout with ``columns = k in + _expand_extra(out, in, taps)`` (increasing
+    in ``in``, so one ``in`` fits)."""
+    for n_in in range(1, columns // k + 1):
+        if k * n_in + _expand_extra(out, n_in, taps) == columns:
+            return n_in
+    raise ValueError(f"not a stored form='expand' kernel: k={k}, out={out}, {columns} columns, {taps} taps")
 
 
 def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
@@ -204,3 +277,4 @@ register_form(Copies())
 register_form(Decoupled())
 register_form(Relative())
 register_form(DOConv())
+register_form(Expand())

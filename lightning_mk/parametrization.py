@@ -24,6 +24,7 @@ from lightning_mk.settings import Settings
 __all__ = ["MajorityKernel", "Draws", "majority_kernels", "has_majority_kernels", "kernel_settings", "seed_of"]
 
 _M64 = 2**64 - 1
+_FORM_STEP = -4  # the draw step keying a form's own initial randomness (apply.py's initial copies use -2, -3)
 _P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261  # xxHash64's primes
 
 
@@ -205,7 +206,12 @@ class MajorityKernel(nn.Module):
         deployed kernel is ``value``)."""
         if value.dim() == self.dims + 1:
             return value
-        return self._form.store(value.unsqueeze(0).repeat(self.settings.k, *[1] * value.dim()), value, replicated=True)
+        return self.store(value.unsqueeze(0).repeat(self.settings.k, *[1] * value.dim()), value, replicated=True)
+
+    def store(self, copies: Tensor, weight: Tensor, replicated: bool) -> Tensor:
+        """The form's stored tensor for this kernel (:meth:`Form.store`, its randomness keyed by the seed and the
+        kernel's index)."""
+        return self._form.store(copies, weight, replicated, seed_of(self.settings.seed, _FORM_STEP, self.index))
 
     def train(self, mode: bool = True) -> "MajorityKernel":
         self._cache = None

@@ -32,7 +32,8 @@ class Settings:
             ``"copies"`` (the k copies; their mean trains k times slower under SGD), ``"decoupled"``
             (the deployed kernel ``mu`` and k deviations; ``mu`` gets the plain model's gradient) or
             ``"relative"`` (as decoupled, with draws rescaled to ``noise`` times ``mu``'s RMS from ``mu``);
-            ``"doconv"`` trains convolution kernels as DO-Conv instead (deterministic: no draws).
+            ``"doconv"`` (DO-Conv) and ``"expand"`` (ExpandNets, ``k`` the expansion factor) train the kernels as
+            a deterministic re-parametrisation instead (no draws).
         include: module-name globs choosing the layers (default: every eligible layer).
         exclude: module-name globs leaving layers out (e.g. ``["head"]``).
         layer_types: layer classes or their names (``"Linear"``, ``"transformers.pytorch_utils.Conv1D"``);

@@ -1,9 +1,9 @@
-"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile] [gap] [doconv]`: 2 CPU processes
+"""Run by test_ddp.py as `python ddp_worker.py OUT PRECISION [per_rank] [compile] [gap] [doconv|expand]`: 2 CPU processes
 (gloo), Lightning's own DDP launcher; `per_rank` turns on the callback's per_rank_noise, `compile` trains
 ``torch.compile(model, fullgraph=True)`` (backend aot_eager) and counts the graphs dynamo compiled after each batch,
 `gap` sets the noise from the generalisation gap (form="relative", monitor="val_loss") with a validation loss that
 differs between the ranks, on a model with batch norm (each rank's own statistics: SyncBatchNorm needs GPUs);
-`doconv` trains a model with a convolution first under ``form="doconv"`` (nothing drawn).
+`doconv` or `expand` trains a model with a convolution first under that form (nothing drawn).
 
 Each rank writes what it saw to OUT/rank{r}.pt: the kernel sampled at every training step, its final
 parameters, how many times it wrote the small model and recomputed the batch-norm statistics.
@@ -22,7 +22,8 @@ from helpers import ConvModule, NormModule, TinyModule, loader, trainer  # noqa:
 from lightning_mk import MajorityKernelCallback, NormStatistics  # noqa: E402
 
 out = sys.argv[1]
-per_rank, compiled, gap, doconv = ("per_rank" in sys.argv[3:], "compile" in sys.argv[3:], "gap" in sys.argv[3:], "doconv" in sys.argv[3:])
+per_rank, compiled, gap = ("per_rank" in sys.argv[3:], "compile" in sys.argv[3:], "gap" in sys.argv[3:])
+reparametrised = next((form for form in ("doconv", "expand") if form in sys.argv[3:]), None)
 writes = []
 _save = torch.save
 
@@ -39,7 +40,7 @@ _recalibrate = NormStatistics.recalibrate
 NormStatistics.recalibrate = lambda self: recalibrations.append(len(self.inputs)) or _recalibrate(self)
 
 
-class Recording(NormModule if gap else ConvModule if doconv else TinyModule):
+class Recording(NormModule if gap else ConvModule if reparametrised else TinyModule):
     def __init__(self):
         super().__init__()
         self.sampled = []
@@ -70,7 +71,7 @@ class CountFrames(pl.Callback):
 pl.seed_everything(0)
 model = Recording()
 precision = sys.argv[2]
-options = dict(form="relative", monitor="val_loss", noise=0.3, norm_batches=8) if gap else dict(form="doconv") if doconv else {}
+options = dict(form="relative", monitor="val_loss", noise=0.3, norm_batches=8) if gap else dict(form=reparametrised) if reparametrised else {}
 cb = MajorityKernelCallback.published(k=4, scheme="select", seed=3, per_rank_noise=per_rank, save_path=os.path.join(out, "small.pt"), **options)
 frames = CountFrames()
 trainer = trainer(out, devices=2, strategy="ddp", precision=precision, max_epochs=2, callbacks=[cb, frames])

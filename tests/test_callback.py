@@ -297,7 +297,7 @@ def test_applying_twice_fails_at_setup(tmp_path):
         (dict(k=3.0), "k must be an integer >= 2"),
         (dict(scheme="nope"), r"valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
         (dict(init="nope"), r"valid inits: \['replicate', 'independent'\]"),
-        (dict(form="nope"), r"unknown form 'nope'; valid forms: \['copies', 'decoupled', 'relative', 'doconv'\]"),
+        (dict(form="nope"), r"unknown form 'nope'; valid forms: \['copies', 'decoupled', 'relative', 'doconv', 'expand'\]"),
         (dict(grad_scale="nope"), "valid: \\['none', 'k', 'matched'\\]"),
     ],
 )

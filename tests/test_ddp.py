@@ -15,20 +15,21 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.mark.parametrize(
-    "per_rank, precision, compiled, gap, doconv",
+    "per_rank, precision, compiled, gap, form",
     [
-        (False, "32-true", False, False, False),
-        (True, "32-true", False, False, False),
-        (False, "bf16-mixed", False, False, False),
-        (False, "32-true", True, False, False),
-        (False, "32-true", False, True, False),
-        (False, "32-true", False, False, True),
+        (False, "32-true", False, False, None),
+        (True, "32-true", False, False, None),
+        (False, "bf16-mixed", False, False, None),
+        (False, "32-true", True, False, None),
+        (False, "32-true", False, True, None),
+        (False, "32-true", False, False, "doconv"),
+        (False, "32-true", False, False, "expand"),
     ],
 )
-def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap, doconv):
+def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap, form):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap + ["doconv"] * doconv
+    command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap + ([form] if form else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -55,4 +56,4 @@ def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap, doc
     assert (rank0["writes"], rank1["writes"]) == (1, 0), "the small model is written once, by rank zero"
     small = torch.load(tmp_path / "small.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in small.values() if v.is_floating_point()), "bf16-mixed keeps fp32 parameters"
-    (NormModule if gap else ConvModule if doconv else TinyModule)().load_state_dict(small, strict=True)
+    (NormModule if gap else ConvModule if form else TinyModule)().load_state_dict(small, strict=True)

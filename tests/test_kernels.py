@@ -346,7 +346,7 @@ def test_loading_a_state_with_other_k_or_scheme_names_both():
         (dict(k="4"), "k must be an integer >= 2"),
         (dict(scheme="dirichlet"), r"unknown scheme 'dirichlet'; valid schemes: \['convex', 'layer', 'majority', 'select'\]"),
         (dict(init="zeros"), r"unknown init 'zeros'; valid inits: \['replicate', 'independent'\]"),
-        (dict(form="mean"), r"unknown form 'mean'; valid forms: \['copies', 'decoupled', 'relative', 'doconv'\]"),
+        (dict(form="mean"), r"unknown form 'mean'; valid forms: \['copies', 'decoupled', 'relative', 'doconv', 'expand'\]"),
         (dict(grad_scale="auto"), r"unknown grad_scale 'auto'; valid: \['none', 'k', 'matched'\]"),
         (dict(grad_scale=-1.0), "grad_scale must be"),
         (dict(init_noise=-0.1), "init_noise must be a number >= 0"),
@@ -590,7 +590,7 @@ def test_a_new_form_is_one_class_and_one_register_form_call(tmp_path):
     class Doubled(Form):
         name = "doubled"
 
-        def store(self, copies, weight, replicated):
+        def store(self, copies, weight, replicated, seed):
             return 2 * copies
 
         def rows(self, stored):

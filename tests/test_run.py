@@ -35,7 +35,7 @@ def config(tmp_path, *overrides):
 def test_the_method_group_is_the_list_of_methods(tmp_path):
     """Each conf/method/<name>.yaml names its function, which the app runs; no list of methods elsewhere."""
     chosen = {option: method_of(config(tmp_path, f"method={option}")) for option in GROUPS["method"]}
-    variants = {"mk_published": "mk", "mk_ema": "mk", "ema": "averaged", "swa": "averaged"}  # a config of another method's function
+    variants = {"mk_published": "mk", "mk_ema": "mk", "doconv": "mk", "expand": "mk", "ema": "averaged", "swa": "averaged"}  # a config of another method's function
     assert {option: m.train.__name__ for option, m in chosen.items()} == {option: variants.get(option, option) for option in GROUPS["method"]}
     assert {option for option, m in chosen.items() if not m.uses_k} == {"baseline", "baseline_reg", "ema", "swa"}
     with pytest.raises(ConfigError, match="config key 'method.train' must name a function decorated with"):
@@ -75,6 +75,10 @@ def small_params(cfg, data_shape=(40,), classes=10):
 @pytest.mark.parametrize("method", GROUPS["method"])
 def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeypatch, method, model):
     cfg = config(tmp_path, f"method={method}", f"model={model}", "k=2", "data.module.num_samples=600", *TINY)
+    if method == "doconv" and model in ("mlp", "transformer"):  # no convolution with more than one tap
+        with pytest.raises(ValueError, match="form='doconv' takes none of the chosen kernels"):
+            run(cfg)
+        return
     made = []  # the callbacks made: the config check's, then the one mk trains with
     monkeypatch.setattr(app, "_callback", lambda *args, make=app._callback, **kw: made.append(make(*args, **kw)) or made[-1])
     result = run(cfg)
@@ -99,6 +103,16 @@ def test_every_method_and_model_gives_a_deployable_small_model(tmp_path, monkeyp
     fresh = Classifier(instantiate(cfg.model.net, in_shape=(40,), num_classes=10), 10)
     fresh.load_state_dict(state, strict=True)
     assert 0 <= result["test_acc"] <= 1 and result["train_time_s"] > 0
+
+
+@pytest.mark.parametrize("method", ["mk", "expand"])
+def test_a_diverged_run_is_recorded_not_lost(tmp_path, method):
+    """The callback keeps no file of a model with non-finite weights; the app still records the run (at the
+    accuracy of what it trained, as for plain training), so one diverged seed does not stop a sweep."""
+    cfg = config(tmp_path, f"method={method}", "k=2", "optimizer.lr=1e30", "data.module.num_samples=600", *TINY)
+    with pytest.warns(UserWarning, match="non-finite values"):
+        result = run(cfg)
+    assert json.loads((tmp_path / "results.jsonl").read_text())["test_acc"] == result["test_acc"] < 0.5
 
 
 @pytest.mark.parametrize("method", ["baseline", "mk", "distill", "submodular"])
@@ -248,7 +262,7 @@ def test_a_users_own_lightning_module_runs_every_method(tmp_path, user_model, me
         (["method=distill", "method.teacher=wide", "method.teacher_ckpt=/no/model.pt"], "names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.wide_ckpt=/no/model.pt"], "'method.wide_ckpt' names '/no/model.pt', which does not exist"),
         (["method=submodular", "method.objective=random"], r"allowed: \['reconstruction', 'facility_location'\]"),
-        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled', 'relative', 'doconv'\]"),
+        (["method=mk", "method.callback.form=tied"], r"'method.callback': unknown form 'tied'; valid forms: \['copies', 'decoupled', 'relative', 'doconv', 'expand'\]"),
         (["method=mk", "method.callback.scheme=nope"], r"config key 'method.callback': unknown scheme 'nope'; valid schemes: \["),
         (["method=mk", "method.callback.noise=-1"], "config key 'method.callback': noise must be a number >= 0"),
         (["method=mk", "+method.callback.copies=2"], "unexpected keyword argument 'copies'"),

@@ -33,6 +33,19 @@ CANDIDATES = ("mk", "mk_ema")  # checked against the rule (MK + EMA with EMA's d
 FAMILY = {"mnist1d_mlp": "MLP", "mnist1d_cnn_overfit": "CNN", "mnist1d_transformer_overfit": "Transformer"}  # overfitting tasks
 
 
+def paired_cell(runs: dict[int, dict], plain: dict[int, dict] | None) -> tuple[str, float | None, tuple | None]:
+    """Mean test accuracy (%) of ``runs`` (seed -> run) and, against ``plain``, the mean difference paired by seed
+    with its 95 % interval: the table's cell, the difference and the interval (None without two pairs)."""
+    seeds = sorted(runs)
+    cell = f"{np.mean([100 * runs[s]['test_acc'] for s in seeds]):.2f}"
+    paired = [s for s in seeds if plain and s in plain]
+    if len(paired) < 2:
+        return cell, None, None
+    diff = np.array([100 * (runs[s]["test_acc"] - plain[s]["test_acc"]) for s in paired])
+    interval = mean_interval(diff)
+    return cell + f" ({diff.mean():+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}])", float(diff.mean()), interval
+
+
 def main(root: Path) -> None:
     runs: dict[tuple[str, str], dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -59,16 +72,9 @@ def main(root: Path) -> None:
                 if not seeds:
                     cells.append("–")
                     continue
-                acc = np.array([100 * by[m][s]["test_acc"] for s in seeds])
-                cell = f"{acc.mean():.2f}"
-                if m != "baseline":
-                    paired = [s for s in seeds if s in plain]
-                    diff = np.array([100 * (by[m][s]["test_acc"] - plain[s]["test_acc"]) for s in paired])
-                    interval = mean_interval(diff) if len(diff) > 1 else None
-                    if interval:
-                        cell += f" ({diff.mean():+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}])"
-                    if m in CANDIDATES:
-                        verdict[m][task][protocol] = (diff.mean(), interval)
+                cell, diff, interval = paired_cell(by[m], None if m == "baseline" else plain)
+                if m in CANDIDATES and diff is not None:
+                    verdict[m][task][protocol] = (diff, interval)
                 cells.append(cell)
             n = len(plain)
             extra = ""

@@ -403,9 +403,13 @@ def mk(run: Runner) -> tuple[pl.LightningModule, bool]:
     for every rank), which loads strictly into a new model of the user's class at its own size."""
     path = os.path.join(run.cfg.output_dir, "model.pt")
     average = run.cfg.method.get("average")  # a weight-averaging callback after it (method=mk_ema): the average is saved
-    run.fit(run.module(), callbacks=[_callback(run.cfg, save_path=path), *([instantiate(average)] if average else [])])
+    trained = run.module()
+    run.fit(trained, callbacks=[_callback(run.cfg, save_path=path), *([instantiate(average)] if average else [])])
     small = run.module()
-    small.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    if os.path.exists(path):
+        small.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    else:  # diverged: the callback wrote no file; the run is recorded as what it trained, as plain training's is
+        small.load_state_dict(collapsed_state_dict(trained.state_dict()), strict=True)
     return small, True
 
 

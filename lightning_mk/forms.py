@@ -9,7 +9,6 @@ training uses its deployed kernel too. Add your own with :func:`register_form`; 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -231,11 +230,12 @@ def _expand_extra(out: int, n_in: int, taps: int) -> int:
     return -(-(out * out + n_in * n_in) // (out * taps))
 
 
-@functools.lru_cache(maxsize=None)
 def _expand_in(k: int, out: int, columns: int, taps: int) -> int:
-    """The ``in`` of an :class:`Expand` layout with ``columns = k in + _expand_extra(out, in, taps)`` (increasing
-    in ``in``, so one ``in`` fits)."""
-    for n_in in range(1, columns // k + 1):
+    """The ``in`` of an :class:`Expand` layout with ``columns = k in + _expand_extra(out, in, taps)``: increasing in
+    ``in``, so one fits; it lies next to the root of ``k n + (out^2 + n^2) / (out taps) = columns``."""
+    a = out * taps
+    root = (math.sqrt(k * k * a * a + 4 * (columns * a - out * out)) - k * a) / 2
+    for n_in in range(max(1, int(root) - 1), int(root) + 3):
         if k * n_in + _expand_extra(out, n_in, taps) == columns:
             return n_in
     raise ValueError(f"not a stored form='expand' kernel: k={k}, out={out}, {columns} columns, {taps} taps")

@@ -3,7 +3,7 @@
 A form owns the layout of the one trainable tensor that replaces a kernel ``W`` (shape ``S``): how it is made
 from the initial copies, which of its rows the scheme combines in a training step, the training kernel made
 from that combination, the deployed (eval-mode) kernel, the ``[k, *S]`` copies it stands for, and their
-spread. A form that is not :attr:`~Form.random` is a re-parametrisation (:class:`DOConv`, :class:`Expand`):
+spread. A form that is not :attr:`~Form.random` is a :class:`Reparametrisation` (:class:`DOConv`, :class:`Expand`):
 training uses its deployed kernel too. Add your own with :func:`register_form`; it is then selectable by name everywhere.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Form", "Copies", "Decoupled", "Relative", "DOConv", "Expand", "FORMS", "register_form", "get_form"]
+__all__ = ["Form", "Copies", "Decoupled", "Relative", "Reparametrisation", "DOConv", "Expand", "FORMS", "register_form", "get_form"]
 
 
 class Form:
@@ -133,7 +133,23 @@ class Relative(Decoupled):
         return float(super().spread(rows, first, n_rows, total) > 0)
 
 
-class DOConv(Form):
+class Reparametrisation(Form):
+    """A deterministic form: training uses the deployed kernel itself (no draw, no noise level); the stored
+    tensor stands for that one kernel, so its copies are the kernel and their spread is zero."""
+
+    random = False
+
+    def rows(self, stored: Tensor) -> Tensor:
+        return stored
+
+    def copies(self, stored: Tensor) -> Tensor:
+        return self.deployed(stored, stored).unsqueeze(0)
+
+    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
+        return 0.0
+
+
+class DOConv(Reparametrisation):
     """Depthwise over-parametrised convolution (DO-Conv; Cao et al., 2020): a ``kh x kw`` kernel ``W`` is trained
     as ``W'[o, i, s] = W[o, i, s] + sum_d W[o, i, d] D[d, i, s]``, one trainable ``(kh kw) x (kh kw)`` matrix ``D``
     per input channel, and folded into ``W'``. ``D`` starts at zero, so the model starts as it was (pretrained
@@ -142,7 +158,6 @@ class DOConv(Form):
     Deterministic: ``k``, the scheme and the noise level have no effect."""
 
     name = "doconv"
-    random = False
     takes = "convolution kernels with more than one tap (a 1x1 convolution or a Linear layer stays plain)"
 
     def supports(self, layer: nn.Module, weight: Tensor) -> bool:
@@ -153,23 +168,14 @@ class DOConv(Form):
         taps = math.prod(w.shape[2:])
         return torch.cat([w, w.new_zeros(taps, *w.shape[1:])]).unsqueeze(0)
 
-    def rows(self, stored: Tensor) -> Tensor:
-        return stored
-
     def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
         taps = math.prod(stored.shape[3:])
         w, d = stored[0, :-taps], stored[0, -taps:]
         depthwise = torch.einsum("oid,dis->ois", w.flatten(2), d.flatten(2))
         return w + depthwise.view_as(w)
 
-    def copies(self, stored: Tensor) -> Tensor:
-        return self.deployed(stored, stored).unsqueeze(0)
 
-    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
-        return 0.0
-
-
-class Expand(Form):
+class Expand(Reparametrisation):
     """ExpandNets (Guo, Alvarez, Salzmann, 2020): a kernel ``W`` (``[out, in, *taps]``) trained as the product
     ``C B A`` of three linear factors, ``A [k in, in]``, ``B [k out, k in, *taps]``, ``C [out, k out]`` (a Linear
     layer in -> k in -> k out -> out; a convolution 1x1 -> kxk -> 1x1, ExpandNets' "CL" expansion) and contracted
@@ -183,7 +189,6 @@ class Expand(Form):
     embedding tables."""
 
     name = "expand"
-    random = False
     takes = "kernels of Linear, convolution and recurrent layers (an embedding table stays plain)"
 
     def supports(self, layer: nn.Module, weight: Tensor) -> bool:
@@ -202,9 +207,6 @@ class Expand(Form):
         stored = torch.cat([b.reshape(k, out, k * n_in, *taps), extra.view(k, out, -1, *taps)], 2)
         return stored.to(weight.dtype)
 
-    def rows(self, stored: Tensor) -> Tensor:
-        return stored
-
     def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
         k, out, columns, *taps = stored.shape
         n_in = _expand_in(k, out, columns, math.prod(taps))
@@ -217,12 +219,6 @@ class Expand(Form):
         else:
             w = torch.einsum("op,pit->oit", c, torch.einsum("pqt,qi->pit", b, a))
         return w.reshape(out, n_in, *taps)
-
-    def copies(self, stored: Tensor) -> Tensor:
-        return self.deployed(stored, stored).unsqueeze(0)
-
-    def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
-        return 0.0
 
 
 def _expand_extra(out: int, n_in: int, taps: int) -> int:

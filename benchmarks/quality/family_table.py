@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +25,14 @@ FAMILY = {"doconv": "DO-Conv", "expand": "ExpandNets (k=4)"}
 CONVOLUTIONAL = ("mnist1d_cnn", "mnist1d_cnn_overfit", "mnist1d_resnet", "digits_resnet")
 
 
+def _add(by_seed: dict[int, dict], seed: int, run: dict, where: Path) -> None:
+    """One run per method, seed and protocol: a second (another setting, a rerun left beside the first) would be
+    pooled or silently replace the first."""
+    if seed in by_seed:
+        raise SystemExit(f"{where}: two runs of one method for seed {seed}; keep one")
+    by_seed[seed] = run
+
+
 def _blind_runs(root: Path) -> dict[tuple[str, str], dict[str, dict[int, dict]]]:
     """(task, protocol) -> method -> seed -> run, from blind.sh's committed ``<task>/runs.csv``."""
     runs: dict = defaultdict(lambda: defaultdict(dict))
@@ -34,7 +41,7 @@ def _blind_runs(root: Path) -> dict[tuple[str, str], dict[str, dict[int, dict]]]
             for row in csv.DictReader(f):
                 if row["method"] in BLIND:
                     protocol = "converge" if row["task"].endswith(", converge") else "equal"
-                    runs[path.parent.name, protocol][row["method"]][int(row["seed"])] = {"test_acc": float(row["test_acc"])}
+                    _add(runs[path.parent.name, protocol][row["method"]], int(row["seed"]), {"test_acc": float(row["test_acc"])}, path)
     return runs
 
 
@@ -50,7 +57,7 @@ def main() -> None:
         for protocol in ("equal", "converge"):
             if any((task_dir / protocol).glob("**/results.jsonl")):
                 for run in load_results([task_dir / protocol]):
-                    runs[task_dir.name, protocol][run["method"]][run["seed"]] = run
+                    _add(runs[task_dir.name, protocol][run["method"]], run["seed"], run, task_dir / protocol)
                     everything.append(run)
     lines, above = [], defaultdict(list)
     for protocol in ("equal", "converge"):

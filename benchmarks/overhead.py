@@ -1,6 +1,6 @@
 """Training-step time and memory of Majority Kernels against the plain and the wide model.
 
-    python benchmarks/overhead.py [--steps 30] [--rounds 5] [--optimizer adam-fused] [--out benchmarks/results]
+    python benchmarks/overhead.py [--steps 30] [--rounds 5] [--optimizer adam-fused] [--device cpu] [--out benchmarks/results]
 
 For an MLP, a ResNet and a Transformer at batch 128 it measures, in one process and interleaved
 (round-robin over all variants, after warm-up), the median time of one full training step
@@ -15,7 +15,8 @@ the ratio should be 1.00), and of the MK model in eval mode (its mean is compute
 ``--compile``: plain, the floor and every scheme at k = 4, each eager and ``torch.compile(model,
 fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (the copies, and the
 callback's default form ``relative``), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
-steps of one variant (torch.profiler), to see where its time goes.
+steps of one variant (torch.profiler), to see where its time goes. ``--device cuda``: the same on a GPU (each step
+synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ MODELS = {
     "transformer": (lambda n: Transformer((64,), 10, n=n, d_model=64, heads=4, layers=3, patch=4), (64,), 128),
 }
 KS = (2, 4, 8)
+DEVICE = torch.device("cpu")  # set by --device
 
 
 def make_optimizer(params, name: str) -> torch.optim.Optimizer:
@@ -65,15 +67,15 @@ class Variant:
 
     def __init__(self, name: str, model: nn.Module, optimizer: str, shape, extra_numel: int = 0) -> None:
         torch.manual_seed(0)
-        self.name, self.model = name, model.train()
+        self.name, self.model = name, model.to(DEVICE).train()
         params = list(model.parameters())
         self.extra = None
         if extra_numel:  # the k-copy floor: a gradient of this many more parameters, and their optimizer step
-            self.extra = nn.Parameter(torch.zeros(extra_numel))
+            self.extra = nn.Parameter(torch.zeros(extra_numel, device=DEVICE))
             params.append(self.extra)
         self.optimizer = make_optimizer(params, optimizer)
-        self.x = torch.randn(BATCH, *shape)
-        self.y = torch.randint(0, 10, (BATCH,))
+        self.x = torch.randn(BATCH, *shape, device=DEVICE)
+        self.y = torch.randint(0, 10, (BATCH,), device=DEVICE)
         self.times: list[float] = []
 
     def step(self) -> None:
@@ -83,6 +85,8 @@ class Variant:
         if self.extra is not None:  # written afresh each step, as every copy's gradient is
             self.extra.grad = torch.full_like(self.extra, 1e-3)
         self.optimizer.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def variants(model_name: str, optimizer: str):
@@ -137,6 +141,12 @@ def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
     one variant, minus the RSS before; printed in MB."""
     import threading
 
+    if DEVICE.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        v = (dict(variants(model_name, optimizer)) | dict(family(model_name, optimizer)))[variant]()
+        for _ in range(3):
+            v.step()
+        return print((torch.cuda.max_memory_allocated() - base) / 2**20)
     base, peak, done = _rss_mb(), [0.0], threading.Event()
 
     def sample() -> None:
@@ -155,7 +165,10 @@ def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
 
 
 def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
-    code = f"import benchmarks.overhead as o; o.measure_peak_memory({model_name!r}, {optimizer!r}, {variant!r})"
+    code = (
+        f"import torch, benchmarks.overhead as o; o.DEVICE = torch.device({DEVICE.type!r}); "
+        f"o.measure_peak_memory({model_name!r}, {optimizer!r}, {variant!r})"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     return float(done.stdout.strip().splitlines()[-1])
@@ -215,16 +228,18 @@ def collapse_and_latency(repeats: int = 30) -> list[str]:
     """Collapse time of a ~50M-parameter MLP, and the inference latency (no autograd) of the plain model, the
     MK model in eval mode (the mean, computed once and reused) and the collapsed model, interleaved."""
     torch.manual_seed(0)
-    big = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096))
+    big = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).to(DEVICE)
     n_params = sum(p.numel() for p in big.parameters())
     plain = copy.deepcopy(big).eval()
     apply_majority_kernels(big, k=4, init="independent")
     mk = copy.deepcopy(big).eval()
     start = time.perf_counter()
     collapse(big)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     big.eval()
-    x = torch.randn(64, 4096)
+    x = torch.randn(64, 4096, device=DEVICE)
     models = {"plain": plain, "MK, eval mode": mk, "collapsed": big}
     times = {name: [] for name in models}
     with torch.no_grad():
@@ -235,6 +250,8 @@ def collapse_and_latency(repeats: int = 30) -> list[str]:
             for name, model in models.items():
                 start = time.perf_counter()
                 model(x)
+                if DEVICE.type == "cuda":
+                    torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     return [
@@ -257,14 +274,19 @@ def main() -> None:
     parser.add_argument("--family", action="store_true", help="as --compile, for MK, DO-Conv and ExpandNets, with memory")
     parser.add_argument("--latency", action="store_true", help="only the collapse and inference-latency part")
     parser.add_argument("--profile", nargs=2, metavar=("MODEL", "VARIANT"), help='e.g. mlp "mk select k=4"')
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
     lines = [
         f"# Overhead: `{command}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        + (f", {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else "")
+        + f", torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Batch {BATCH}; median step time over {args.rounds} interleaved rounds of "
         f"{args.steps} steps; optimizer {args.optimizer}.",
         "",
@@ -313,7 +335,7 @@ def main() -> None:
 
 def _write(args, name: str, lines: list[str]) -> None:
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"overhead-{name}.md")
+    path = os.path.join(args.out, f"overhead-{name}{'-cuda' if args.device == 'cuda' else ''}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {path}")

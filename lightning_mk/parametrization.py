@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_mk.forms import get_form
-from lightning_mk.schemes import Random, get_scheme
+from lightning_mk.schemes import Batch, Random, get_scheme
 from lightning_mk.settings import Settings
 
 __all__ = ["MajorityKernel", "Draws", "majority_kernels", "has_majority_kernels", "kernel_settings", "seed_of"]
@@ -62,6 +62,7 @@ class Draws(nn.Module):
         self.rank = None if rank is None else int(rank)
         self.register_buffer("counter", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("state", Random.state_of(self.counter), persistent=False)  # the kernels' Random state
+        self.batch = Batch()  # the kernels' small draws, hashed together each step
         self.register_buffer("level", torch.ones((), device=device), persistent=False)
         self._noise = 1.0  # the level as given (the buffer holds it in the kernels' precision)
         self.noisy = False  # level != 1: a Python flag, so the default level costs no lerp
@@ -81,6 +82,7 @@ class Draws(nn.Module):
     def _hash_counter(self) -> None:
         with torch.no_grad():
             self.state.copy_(Random.state_of(self.counter))
+        self.batch.advance()
 
     @property
     def noise(self) -> float:
@@ -192,7 +194,7 @@ class MajorityKernel(nn.Module):
         rows = self._form.rows(stored)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
-        kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state)))
+        kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state, self.draws.batch)))
         if self.draws.noisy or self.draws._decay:
             deployed = self._form.deployed(stored, rows)  # once: the copies form averages k rows for it
             if self.draws.noisy:

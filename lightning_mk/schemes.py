@@ -5,7 +5,7 @@ returns ``sum_i a_i * copies[i]``, so the sampled kernel is an unbiased draw aro
 the copies. Its random numbers come from a :class:`Random`: pure tensor functions of the seed, the
 step, the kernel and the element, so a draw is traced and fused by ``torch.compile`` like any other
 op, and is the same in every process and every re-run of a forward. Schemes never build a dense
-``[k, *shape]`` coefficient tensor (``select`` gathers, ``convex`` accumulates copy by copy,
+``[k, *shape]`` coefficient tensor (``select`` indexes, ``convex`` accumulates copy by copy,
 ``layer`` is one matrix-vector product).
 
 Add your own with :func:`register_scheme`; it is then selectable by name everywhere.
@@ -14,11 +14,12 @@ Add your own with :func:`register_scheme`; it is then selectable by name everywh
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Random", "Scheme", "Select", "Convex", "Layer", "Majority", "SCHEMES", "register_scheme", "get_scheme"]
+__all__ = ["Random", "Batch", "Scheme", "Select", "Convex", "Layer", "Majority", "SCHEMES", "register_scheme", "get_scheme"]
 
 _M = 0xFFFFFFFF  # 32-bit values in int64 tensors: with multipliers below 2**31 no product overflows
 
@@ -29,6 +30,29 @@ def _mix(x: Tensor) -> Tensor:
     for _ in range(2):
         x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_M)
     return x.bitwise_xor_(x >> 16)
+
+
+def _hash(constant: int, count: int, state: Tensor, device: torch.device) -> Tensor:
+    """The hashes of ``count`` indices in the stream ``state ^ constant`` (int64 holding 32-bit values)."""
+    return _mix(torch.arange(count, dtype=torch.int64, device=device).bitwise_xor_(state ^ constant))  # count < 2**32
+
+
+def _words(count: int, width: int) -> int:
+    """The hashes a request of ``count`` numbers of ``width`` bits takes (``width`` 0: a whole 32-bit hash each)."""
+    return count if width == 0 else -(-count // (32 // width))
+
+
+def _split(words: Tensor, width: int) -> Tensor:
+    """Each 32-bit hash split into ``32 // width`` integers of ``width`` bits (int32, flat, low bits first). The
+    cast to int32 keeps a hash's 32 bits (two's complement); an arithmetic shift leaves each field's bits as they are."""
+    shifts = torch.arange(0, 32 // width * width, width, dtype=torch.int32, device=words.device)
+    return (words.to(torch.int32).view(-1, 1) >> shifts).bitwise_and_((1 << width) - 1).view(-1)
+
+
+def _numbers(constant: int, count: int, width: int, state: Tensor, device: torch.device) -> Tensor:
+    """``count`` numbers of ``width`` bits (0: whole hashes, int64) of the stream ``state ^ constant``."""
+    words = _hash(constant, _words(count, width), state, device)
+    return words if width == 0 else _split(words, width)[:count]
 
 
 def _mix_int(x: int) -> int:
@@ -48,9 +72,10 @@ class Random:
     the same arguments give the same numbers on any device, in eager and compiled code.
     """
 
-    def __init__(self, key: int, state: Tensor) -> None:
+    def __init__(self, key: int, state: Tensor, batch: Optional["Batch"] = None) -> None:
         self.key = key
         self.state = state
+        self.batch = batch
         self.calls = 0
 
     @staticmethod
@@ -59,17 +84,27 @@ class Random:
         steps draw unrelated numbers."""
         return _mix(step & _M)
 
+    def _numbers(self, count: int, width: int, device: torch.device) -> Tensor:
+        """This call's ``count`` numbers of ``width`` bits (:func:`_numbers`), from the batch where it holds them."""
+        # (key, call) is hashed from an offset value, so a small step and a small key or call cannot swap roles
+        constant = _mix_int((_mix_int(self.key ^ 0xA511E9B3) + self.calls * 0x9E3779B9) & _M)
+        self.calls += 1
+        if self.batch is not None and not torch.compiler.is_compiling():
+            return self.batch.numbers(constant, count, width, self.state, device)
+        return _numbers(constant, count, width, self.state, device)
+
     def bits(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """Uniform integers in ``[0, 2**32)`` (int64), one per element of ``shape``."""
-        # (key, call) is hashed from an offset value, so a small step and a small key or call cannot swap roles
-        stream = self.state ^ _mix_int((_mix_int(self.key ^ 0xA511E9B3) + self.calls * 0x9E3779B9) & _M)
-        self.calls += 1
-        element = torch.arange(math.prod(shape), dtype=torch.int64, device=device)  # below 2**32 in practice
-        return _mix(element.bitwise_xor_(stream)).view(shape)
+        return self._numbers(math.prod(shape), 0, device).view(shape)
 
     def integers(self, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """Integers in ``[0, high)`` (int64; each value's probability within ``2**-32`` of ``1 / high``)."""
-        return (self.bits(shape, device) * high) >> 32
+        """Integers in ``[0, high)`` (int32). For ``high`` a power of two ``2**b`` each is exactly uniform: one hash
+        gives ``32 // b`` of them, ``b`` bits each (a sixteenth of the hashing at ``high = 4``); otherwise one hash per
+        element, scaled (each value's probability within ``2**-32`` of ``1 / high``)."""
+        width = (high - 1).bit_length()
+        if width == 0 or high != 1 << width:
+            return ((self.bits(shape, device) * high) >> 32).to(torch.int32)
+        return self._numbers(math.prod(shape), width, device).view(shape)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """Float32 in ``(0, 1)``: 24 random bits, never 0 or 1."""
@@ -78,6 +113,64 @@ class Random:
     def exponential(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         """Float32 standard exponentials."""
         return self.uniform(shape, device).log().neg()
+
+
+class Batch:
+    """The small requests of one model's draws at one step, made together (eager mode).
+
+    A model's kernels make the same requests every step (a ``(key, call)`` stream, a count and a width), so the
+    requests of one step are planned for the next: their indices, each xor-ed with its stream's constant, laid
+    end to end once; each step then hashes the whole plan and splits it per width in the dozen tensor ops one
+    request costs alone (a small kernel's draw is otherwise mostly dispatch). The numbers are those of the
+    request made alone. Requests of more than :attr:`LARGEST` hashes are made alone: for them the arithmetic
+    dominates, and the batch would hold their numbers until the next step.
+    """
+
+    LARGEST = 1 << 16  #: hashes of one batched request at most
+    PLANNED = 1 << 22  #: hashes in the plan at most
+
+    def __init__(self) -> None:
+        self._where: dict[tuple[int, int, int], int] = {}  # planned (constant, count, width) -> offset in its width's numbers
+        self._widths: list[tuple[int, int, int]] = []  # (width, first hash, end) of each width's part of the plan
+        self._seen: dict[tuple[int, int, int], None] = {}  # this step's requests
+        self._plan: Optional[Tensor] = None  # each planned request's indices xor its constant, by width
+        self._numbers: Optional[dict[int, Tensor]] = None  # this step's numbers of the plan, by width
+
+    def advance(self) -> None:
+        """A new step: plan the requests of the last one if they were not all planned, and drop its numbers."""
+        self._numbers = None
+        if self._plan is None or not self._seen.keys() - self._where.keys():
+            self._seen = {}
+            return
+        self._where, self._widths, parts, total = {}, [], [], 0
+        for request in sorted(self._seen, key=lambda request: request[2]):
+            constant, count, width = request
+            words = _words(count, width)
+            if total + words > self.PLANNED:
+                continue
+            if not self._widths or self._widths[-1][0] != width:
+                self._widths.append((width, total, total))
+            first = self._widths[-1][1]
+            self._where[request] = (total - first) * (32 // width if width else 1)
+            self._widths[-1] = (width, first, total + words)
+            parts.append(torch.arange(words, dtype=torch.int64, device=self._plan.device).bitwise_xor_(constant))
+            total += words
+        self._plan, self._seen = torch.cat(parts), {}
+
+    def numbers(self, constant: int, count: int, width: int, state: Tensor, device: torch.device) -> Tensor:
+        """:func:`_numbers` of the request, from this step's batch where it is planned."""
+        request = (constant, count, width)
+        if _words(count, width) <= self.LARGEST:
+            if self._plan is None or self._plan.device != device:  # the first step, or moved: plan anew
+                self._plan, self._where, self._numbers = torch.empty(0, dtype=torch.int64, device=device), {}, None
+            self._seen[request] = None
+            offset = self._where.get(request)
+            if offset is not None:
+                if self._numbers is None:
+                    words = _mix(self._plan ^ state)
+                    self._numbers = {w: words[a:b] if w == 0 else _split(words[a:b], w) for w, a, b in self._widths}
+                return self._numbers[width][offset : offset + count]
+        return _numbers(constant, count, width, state, device)
 
 
 class Scheme:
@@ -97,8 +190,13 @@ class Select(Scheme):
     """Per element, one copy chosen uniformly at random (one-hot coefficients)."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
-        index = random.integers(copies.shape[0], copies.shape[1:], copies.device)
-        return copies.gather(0, index.unsqueeze(0)).squeeze(0)
+        k, shape = copies.shape[0], copies.shape[1:]
+        n = math.prod(shape)
+        index = random.integers(k, (n,), copies.device)
+        # the chosen element's place in the flattened copies, int32 where it fits: index_select and its backward
+        # (index_add_) read it as it is, where gather and scatter_add_ take int64 (twice the memory traffic)
+        position = torch.arange(n, dtype=torch.int32 if k * n < 2**31 else torch.int64, device=copies.device)
+        return copies.reshape(-1).index_select(0, torch.add(position, index, alpha=n)).view(shape)
 
     def second_moment(self, k: int) -> float:
         return 1.0
@@ -150,7 +248,7 @@ class Majority(Scheme):
                 taken = torch.stack([index == earlier for earlier in left_out]).any(0)
                 index = torch.where(taken, j, index)
             left_out.append(index)
-            total = total - copies.gather(0, index.unsqueeze(0)).squeeze(0)
+            total = total - copies.gather(0, index.long().unsqueeze(0)).squeeze(0)
         return total / m
 
     def second_moment(self, k: int) -> float:

@@ -132,6 +132,75 @@ def test_random_numbers_are_uniform_and_independent_across_steps_calls_and_keys(
     assert torch.equal(random(2, 1).uniform((n,), cpu), u[-4]), "a step's first call repeats exactly"
 
 
+def chi2_limit(dof, z=3.09):
+    """The chi-square value exceeded with probability 0.001 (Wilson-Hilferty; z: the normal 0.999 quantile)."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def assert_uniform(values, cells, what):
+    counts = torch.bincount(values.long(), minlength=cells).double()
+    assert counts.numel() == cells, f"{what}: values outside [0, {cells})"
+    expected = values.numel() / cells
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi2_limit(cells - 1), f"{what}: chi-square {chi2:.1f} with {cells - 1} degrees of freedom"
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_integers_are_uniform_and_independent_across_elements_steps_kernels_and_seeds(k):
+    """The draw of ``select`` (and ``majority``): for k a power of two one hash gives 32 // log2(k) neighbouring
+    elements, so pairs inside a hash and across hashes are tested as well as the marginals."""
+    n, cpu = 48000, torch.device("cpu")
+    draws = {(key, step): Random(key, Random.state_of(torch.tensor(step))).integers(k, (n,), cpu) for key in (3, 4) for step in (5, 6)}
+    x = draws[3, 5]
+    assert x.dtype == torch.int32 and x.shape == (n,)
+    assert_uniform(x, k, "marginal")
+    for lag in (1, 2, 15, 16, 17, 31):  # within one hash (1, 2, 15), across hashes (16 at k = 4, 17, 31)
+        assert_uniform(x[:-lag] * k + x[lag:], k * k, f"elements {lag} apart")
+    assert_uniform(x * k + draws[3, 6], k * k, "neighbouring steps")
+    assert_uniform(x * k + draws[4, 5], k * k, "two kernels")
+    seeds = [Random(apply_key(seed), Random.state_of(torch.tensor(5))).integers(k, (n,), cpu) for seed in (0, 1)]
+    assert_uniform(seeds[0] * k + seeds[1], k * k, "two seeds")
+    assert torch.equal(Random(3, Random.state_of(torch.tensor(5))).integers(k, (n,), cpu), x), "a step repeats exactly"
+    assert torch.equal(Random(3, Random.state_of(torch.tensor(5))).integers(k, (7, 11), cpu).flatten(), x[:77])
+
+
+def apply_key(seed):
+    """The draw key of a model's first kernel under ``seed``."""
+    layer = nn.Linear(3, 2)
+    apply_majority_kernels(layer, k=2, seed=seed)
+    return layer.parametrizations.weight[0].key
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_batched_draws_are_the_draws_made_alone(k):
+    """Each step the small requests of a model are hashed together: every scheme's draws stay those of each
+    kernel drawn by itself, for small, large (unbatched) and tied kernels, step after step."""
+    from lightning_mk.schemes import Batch, _numbers
+
+    class Alone(Batch):
+        def numbers(self, constant, count, width, state, device):
+            return _numbers(constant, count, width, state, device)
+
+    for scheme in sorted(SCHEMES):
+        models = []
+        for batch in (True, False):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 300), nn.Linear(300, 300), nn.Linear(300, 16), nn.Linear(16, 8))
+            model[4].weight = model[0].weight  # tied: two layers hold one kernel (only read here, never applied)
+            handle = apply_majority_kernels(model, k=k, scheme=scheme, init="independent", seed=3, step_on_forward=False)
+            if not batch:
+                model[0].parametrizations.weight[0].draws.batch = Alone()
+            models.append((model.train(), handle))
+        for step in range(1, 5):
+            weights = []
+            for model, handle in models:
+                handle.step = step
+                weights.append([layer.weight for layer in model] + [model[0].weight])  # read twice: one draw
+            for batched, alone in zip(*weights):
+                assert torch.equal(batched, alone), (scheme, step)
+            assert torch.equal(weights[0][0], weights[0][4]) and torch.equal(weights[0][0], weights[0][-1])
+
+
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_scheme_is_unbiased(scheme, k):

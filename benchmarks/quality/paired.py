@@ -1,9 +1,9 @@
 """New runs of a study part against the committed rows of the same tasks, paired by seed.
 
-    python benchmarks/quality/paired.py RUNS_DIR [--runs final] --against METHOD [--also METHOD ...] --out DIR
+    python benchmarks/quality/paired.py RUNS_DIR [--runs final] --against METHOD [--also METHOD ...] [--committed CSV ...] --out DIR
 
 ``RUNS_DIR/<experiment>[/<runs>]`` holds new runs of one task (``<experiment>`` names its committed results,
-``benchmarks/results/quality/<experiment>/runs.csv``). For every task and every label among the new runs:
+``benchmarks/results/quality/<experiment>/runs.csv``; ``--committed``: the rows of these files instead, matched by task). For every task and every label among the new runs:
 mean test and train-mode accuracy over seeds, and new - committed METHOD with its paired 95 % t-interval
 over the seeds both have; ``--also`` adds the committed mean test accuracy of other methods for context.
 Writes ``report.md`` and the new runs' ``runs.csv`` to DIR.
@@ -23,12 +23,15 @@ from lightning_mk.experiments.report import mean_interval, load_results, write_r
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 
 
-def committed(task: str, methods: list[str]) -> dict[str, dict[int, dict]]:
-    """method -> seed -> its committed row, for ``methods``; an error where a method has several rows for one
-    seed (several settings, e.g. submodular with and without fine-tuning): they must not be pooled."""
+def committed(task: str, methods: list[str], files: list[Path], name: str) -> dict[str, dict[int, dict]]:
+    """method -> seed -> its committed row, for ``methods``: from the task's ``runs.csv``, or from ``files`` the rows
+    of the task called ``name``; an error where a method has several rows for one seed (several settings, e.g.
+    submodular with and without fine-tuning): they must not be pooled."""
     rows: dict[str, dict[int, dict]] = {method: {} for method in methods}
-    with open(RESULTS / task / "runs.csv") as f:
-        for r in csv.DictReader(f):
+    for path in files or [RESULTS / task / "runs.csv"]:
+        with open(path) as f:
+            found = [r for r in csv.DictReader(f) if not files or r["task"] == name]
+        for r in found:
             if r["method"] in rows:
                 if int(r["seed"]) in rows[r["method"]]:
                     raise SystemExit(f"{task}: method {r['method']!r} has several committed rows for seed {r['seed']}")
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--runs", default="", help="sub-folder of each task holding the runs to compare")
     parser.add_argument("--against", required=True)
     parser.add_argument("--also", nargs="*", default=[])
+    parser.add_argument("--committed", nargs="*", type=Path, default=[], help="runs.csv files holding the rows to compare with")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     also = "".join(f" {m}, committed |" for m in args.also)
@@ -55,8 +59,8 @@ def main() -> None:
     ]
     everything = []
     for task_dir in sorted(p for p in args.root.iterdir() if p.is_dir()):
-        old = committed(task_dir.name, [args.against, *args.also])
         runs = load_results([task_dir / args.runs])
+        old = committed(task_dir.name, [args.against, *args.also], args.committed, runs[0]["task"])
         everything += runs
         by_label = defaultdict(dict)
         for r in runs:

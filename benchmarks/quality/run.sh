@@ -10,7 +10,8 @@
 # digits_resnet mnist1d_cnn; then options (after mnist1d_mlp): anneal_noise and per_rank_noise against mk on that task, and
 # digits_ablation (after digits_resnet): the other schemes and init on a second task; transformer_ablation
 # (after mnist1d_transformer): MK on the blocks' MLPs only, and the smooth `layer` scheme; resample: mk's final
-# runs on every task again, compared with the committed ones (after a change of the draws); decoupled:
+# runs on every task again, compared with the committed ones (after a change of the draws); redraw: the same on
+# the six tasks after `select`'s draw changed again, against the rows drawn the earlier way; decoupled:
 # form=decoupled with a tuned scheme and noise level on every task, against the committed rows;
 # decoupled_fixed: one fixed decoupled setting on every task; longer: plain, MK and decoupled at 4x the epochs;
 # longer_decoupled: what avoids decoupled's collapse at 4x on the overfitting MLP; decoupled_wd: decoupled with
@@ -163,6 +164,20 @@ for part in "$@"; do
           seed=0,1,2,3,4 method=mk optimizer.lr=$mk_lr
       done
       python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part
+      continue ;;
+    redraw)  # mk's final runs again after the draw of `select` changed (integers split from shared hashes): the six
+      # tasks, same seeds and tuned learning rates, against the rows drawn the earlier way (resample's, and the CNN's)
+      for t in "${TASKS[@]}"; do
+        IFS='|' read -r exp name _ mk_lr extra <<< "$t"
+        wanted "$exp" || continue
+        [ "$mk_lr" != tuned ] || mk_lr=0.03  # the CNN's: its committed mk rows' rate (mnist1d_cnn/tuning)
+        rm -rf "${d:?}/$exp"
+        # shellcheck disable=SC2086
+        run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
+          seed=0,1,2,3,4 method=mk optimizer.lr=$mk_lr hydra/launcher=joblib hydra.launcher.n_jobs=2
+      done
+      python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part \
+        --committed benchmarks/results/quality/resample/runs.csv benchmarks/results/quality/mnist1d_cnn/runs.csv
       continue ;;
     decoupled)  # form=decoupled at plain's tuned learning rate (with zero noise it is plain training); scheme
       # and noise level tuned on validation over 4 settings (plain's lr grid had 4), then 5 seeds; against the

@@ -155,7 +155,7 @@ class Batch:
             self._widths[-1] = (width, first, total + words)
             parts.append(torch.arange(words, dtype=torch.int64, device=self._plan.device).bitwise_xor_(constant))
             total += words
-        self._plan, self._seen = torch.cat(parts), {}
+        self._plan, self._seen = torch.cat(parts) if parts else self._plan[:0], {}
 
     def numbers(self, constant: int, count: int, width: int, state: Tensor, device: torch.device) -> Tensor:
         """:func:`_numbers` of the request, from this step's batch where it is planned."""

@@ -627,16 +627,22 @@ PINNED = {  # the first three elements of the kernel drawn at steps 1, 2 and 7 (
 }
 
 
+PINNED_SPLIT = {  # the same at k=4: integers split from shared hashes
+    "majority": [[-0.144381, -0.032207, 0.274478], [-0.144381, 0.151819, 0.238018], [-0.144381, 0.004228, 0.274478]],
+    "select": [[0.433142, 0.49662, -0.023435], [0.433142, -0.055456, 0.085947], [0.433142, 0.387316, -0.023435]],
+}
+
+
 @pytest.mark.parametrize("form", ["copies", "decoupled"])
-@pytest.mark.parametrize("scheme", sorted(PINNED))
-def test_draws_are_pinned(scheme, form):
+@pytest.mark.parametrize("scheme, k", [(scheme, 3) for scheme in sorted(PINNED)] + [(scheme, 4) for scheme in sorted(PINNED_SPLIT)])
+def test_draws_are_pinned(scheme, k, form):
     """Refactoring must not move a draw: these values were taken from the library and must stay."""
     layer = nn.Linear(4, 3)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
-    kernels = apply_majority_kernels(layer, k=3, scheme=scheme, form=form, init_noise=0.5, seed=11)
+    kernels = apply_majority_kernels(layer, k=k, scheme=scheme, form=form, init_noise=0.5, seed=11)
     layer.train()
-    for step, expected in zip((1, 2, 7), PINNED[scheme]):
+    for step, expected in zip((1, 2, 7), (PINNED if k == 3 else PINNED_SPLIT)[scheme]):
         kernels.step = step
         assert layer.weight.detach().flatten()[:3].tolist() == pytest.approx(expected, abs=1e-6), step
 

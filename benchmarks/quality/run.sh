@@ -165,8 +165,9 @@ for part in "$@"; do
       done
       python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part
       continue ;;
-    redraw)  # mk's final runs again after the draw of `select` changed (integers split from shared hashes): the six
-      # tasks, same seeds and tuned learning rates, against the rows drawn the earlier way (resample's, and the CNN's)
+    redraw)  # MK as published (method=mk_published, what resample's `mk` rows ran) again after the draw of `select`
+      # changed (integers split from shared hashes): the six tasks, same seeds and tuned learning rates, against the
+      # rows drawn the earlier way (resample's, and the CNN's)
       for t in "${TASKS[@]}"; do
         IFS='|' read -r exp name _ mk_lr extra <<< "$t"
         wanted "$exp" || continue
@@ -174,7 +175,7 @@ for part in "$@"; do
         rm -rf "${d:?}/$exp"
         # shellcheck disable=SC2086
         run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
-          seed=0,1,2,3,4 method=mk optimizer.lr=$mk_lr hydra/launcher=joblib hydra.launcher.n_jobs=2
+          seed=0,1,2,3,4 method=mk_published optimizer.lr=$mk_lr hydra/launcher=joblib hydra.launcher.n_jobs=2
       done
       python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part \
         --committed benchmarks/results/quality/resample/runs.csv benchmarks/results/quality/mnist1d_cnn/runs.csv

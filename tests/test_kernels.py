@@ -201,6 +201,22 @@ def test_batched_draws_are_the_draws_made_alone(k):
             assert torch.equal(weights[0][0], weights[0][4]) and torch.equal(weights[0][0], weights[0][-1])
 
 
+def test_a_steps_small_requests_come_from_one_batch_and_large_ones_alone():
+    from lightning_mk.schemes import Batch
+
+    batch, cpu, large = Batch(), torch.device("cpu"), 16 * (Batch.LARGEST + 1)
+    for step in (1, 2):  # the first step's requests are planned for the second
+        state = Random.state_of(torch.tensor(step))
+        batch.advance()
+        got = [Random(key, state, batch).integers(4, (n,), cpu) for key, n in ((1, 1000), (2, 77), (3, large))]
+        got.append(Random(4, state, batch).bits((10,), cpu))
+        for key, n, numbers in zip((1, 2, 3), (1000, 77, large), got):
+            assert torch.equal(numbers, Random(key, state).integers(4, (n,), cpu))
+        assert torch.equal(got[3], Random(4, state).bits((10,), cpu))
+    storage = [numbers.untyped_storage().data_ptr() for numbers in got]
+    assert storage[0] == storage[1] != storage[2], "the small requests of one width share one tensor, a large one not"
+
+
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_scheme_is_unbiased(scheme, k):

@@ -65,11 +65,12 @@ def _mix_int(x: int) -> int:
 class Random:
     """Counter-based random numbers for one kernel's draw at one step.
 
-    Every number is ``hash(element ^ state ^ hash(key, call))``: ``state`` is a 0-dim int64 tensor holding
-    the hashed step (:meth:`state_of`; the kernels of a model share one, updated in place each step),
-    ``key`` (a 32-bit Python int) stands for the seed, the kernel and (with per-rank noise) the rank,
-    ``call`` counts the requests of one draw, and ``element`` is the flat index. No ``torch.Generator``:
-    the same arguments give the same numbers on any device, in eager and compiled code.
+    Every number is ``hash(index ^ state ^ hash(key, call))``, or a field of one: ``state`` is a 0-dim int64
+    tensor holding the hashed step (:meth:`state_of`; the kernels of a model share one, updated in place each
+    step), ``key`` (a 32-bit Python int) stands for the seed, the kernel and (with per-rank noise) the rank,
+    ``call`` counts the requests of one draw, and ``index`` is the flat element index (for :meth:`integers` of a
+    power of two, the index of the hash whose bits it takes). No ``torch.Generator``: the same arguments give the
+    same numbers on any device, in eager and compiled code, batched (``batch``) or not.
     """
 
     def __init__(self, key: int, state: Tensor, batch: Optional["Batch"] = None) -> None:

@@ -85,8 +85,13 @@ class Variant:
         if self.extra is not None:  # written afresh each step, as every copy's gradient is
             self.extra.grad = torch.full_like(self.extra, 1e-3)
         self.optimizer.step()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        _sync()
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work (so that a timer measures it); nothing on the CPU."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def variants(model_name: str, optimizer: str):
@@ -137,15 +142,18 @@ def _rss_mb() -> float:
 
 
 def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
-    """In a fresh process: peak RSS (sampled every 0.5 ms by a thread) during the build and 3 steps of
-    one variant, minus the RSS before; printed in MB."""
+    """In a fresh process: peak RSS (sampled every 0.5 ms by a thread; on a GPU, its peak allocated memory) during
+    the build and 3 steps of one variant, minus the same before; printed in MB."""
     import threading
 
-    if DEVICE.type == "cuda":
-        base = torch.cuda.memory_allocated()
+    def build_and_step() -> None:
         v = (dict(variants(model_name, optimizer)) | dict(family(model_name, optimizer)))[variant]()
         for _ in range(3):
             v.step()
+
+    if DEVICE.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        build_and_step()
         return print((torch.cuda.max_memory_allocated() - base) / 2**20)
     base, peak, done = _rss_mb(), [0.0], threading.Event()
 
@@ -156,9 +164,7 @@ def measure_peak_memory(model_name: str, optimizer: str, variant: str) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    v = (dict(variants(model_name, optimizer)) | dict(family(model_name, optimizer)))[variant]()
-    for _ in range(3):
-        v.step()
+    build_and_step()
     done.set()
     sampler.join()
     print(max(peak[0], _rss_mb()) - base)
@@ -235,8 +241,7 @@ def collapse_and_latency(repeats: int = 30) -> list[str]:
     mk = copy.deepcopy(big).eval()
     start = time.perf_counter()
     collapse(big)
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    _sync()
     seconds = time.perf_counter() - start
     big.eval()
     x = torch.randn(64, 4096, device=DEVICE)
@@ -250,8 +255,7 @@ def collapse_and_latency(repeats: int = 30) -> list[str]:
             for name, model in models.items():
                 start = time.perf_counter()
                 model(x)
-                if DEVICE.type == "cuda":
-                    torch.cuda.synchronize()
+                _sync()
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     return [

@@ -13,6 +13,7 @@ Add your own with :func:`register_scheme`; it is then selectable by name everywh
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -144,18 +145,15 @@ class Batch:
             self._seen = {}
             return
         self._where, self._widths, parts, total = {}, [], [], 0
-        for request in sorted(self._seen, key=lambda request: request[2]):
-            constant, count, width = request
-            words = _words(count, width)
-            if total + words > self.PLANNED:
-                continue
-            if not self._widths or self._widths[-1][0] != width:
-                self._widths.append((width, total, total))
-            first = self._widths[-1][1]
-            self._where[request] = (total - first) * (32 // width if width else 1)
-            self._widths[-1] = (width, first, total + words)
-            parts.append(torch.arange(words, dtype=torch.int64, device=self._plan.device).bitwise_xor_(constant))
-            total += words
+        for width, requests in itertools.groupby(sorted(self._seen, key=lambda request: request[2]), lambda request: request[2]):
+            first = total
+            for request in requests:
+                words = _words(request[1], width)
+                if total + words <= self.PLANNED:
+                    self._where[request] = (total - first) * (32 // width if width else 1)
+                    parts.append(torch.arange(words, dtype=torch.int64, device=self._plan.device).bitwise_xor_(request[0]))
+                    total += words
+            self._widths.append((width, first, total))
         self._plan, self._seen = torch.cat(parts) if parts else self._plan[:0], {}
 
     def numbers(self, constant: int, count: int, width: int, state: Tensor, device: torch.device) -> Tensor:

@@ -75,6 +75,20 @@ task() {  # task ENTRY: false if ONLY leaves the TASKS entry out; else set exp, 
   rm -rf "${d:?}/$exp"
   lr=$(tuned "$exp" baseline "$lr")
 }
+published_again() {  # published_again CNN_LR [OVERRIDES...]: MK as published (method=mk_published, what the study's
+  # `mk` rows ran) on the wanted TASKS again into $d, seeds 0-4, each at its committed tuned rate; a task whose rate
+  # TASKS leaves to its raw tuning ("tuned": the CNN) runs at CNN_LR, or not at all when CNN_LR is empty
+  local t exp name mk_lr extra
+  for t in "${TASKS[@]}"; do
+    IFS='|' read -r exp name _ mk_lr extra <<< "$t"
+    wanted "$exp" || continue
+    if [ "$mk_lr" = tuned ]; then [ -n "$1" ] || continue; mk_lr=$1; fi
+    rm -rf "${d:?}/$exp"
+    # shellcheck disable=SC2086
+    run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
+      seed=0,1,2,3,4 method=mk_published optimizer.lr=$mk_lr "${@:2}"
+  done
+}
 # labels of the decoupled runs (Hydra resolves the interpolations per run)
 dec_label="method.label='mk (\${method.callback.scheme}, k=4, decoupled, noise \${method.callback.noise})'"
 dec_wd_label="method.label='mk (select, k=4, decoupled, noise \${method.callback.noise}, wd \${optimizer.weight_decay})'"
@@ -153,30 +167,14 @@ for part in "$@"; do
       run hydra.sweep.dir=$d/layer "${abl[@]}" method.callback.scheme=layer
       python -m lightning_mk.experiments.report $t/final/baseline $t/final/mk $d --out benchmarks/results/quality/$part
       continue ;;
-    resample)  # mk's final runs again, after a change of the random generator: same tasks, seeds and the
-      # learning rates their committed tuning chose (benchmarks/results/quality/<task>/tuning)
-      for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name _ mk_lr extra <<< "$t"
-        wanted "$exp" && [ "$mk_lr" != tuned ] || continue  # the study's tasks before the new generator
-        rm -rf "${d:?}/$exp"
-        # shellcheck disable=SC2086
-        run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
-          seed=0,1,2,3,4 method=mk optimizer.lr=$mk_lr
-      done
+    resample)  # MK as published again, after a change of the random generator: the study's tasks before the new
+      # generator (not the CNN), against their committed rows
+      published_again ""
       python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part
       continue ;;
-    redraw)  # MK as published (method=mk_published, what resample's `mk` rows ran) again after the draw of `select`
-      # changed (integers split from shared hashes): the six tasks, same seeds and tuned learning rates, against the
-      # rows drawn the earlier way (resample's, and the CNN's)
-      for t in "${TASKS[@]}"; do
-        IFS='|' read -r exp name _ mk_lr extra <<< "$t"
-        wanted "$exp" || continue
-        [ "$mk_lr" != tuned ] || mk_lr=0.03  # the CNN's: its committed mk rows' rate (mnist1d_cnn/tuning)
-        rm -rf "${d:?}/$exp"
-        # shellcheck disable=SC2086
-        run hydra.sweep.dir=$d/$exp experiment=$exp $extra "task='$name'" hydra.sweep.subdir=s\${seed} \
-          seed=0,1,2,3,4 method=mk_published optimizer.lr=$mk_lr hydra/launcher=joblib hydra.launcher.n_jobs=2
-      done
+    redraw)  # the same on all six tasks after the draw of `select` changed (integers split from shared hashes),
+      # against the rows drawn the earlier way (resample's, and the CNN's)
+      published_again 0.03 hydra/launcher=joblib hydra.launcher.n_jobs=2  # the CNN's rate: its committed mk rows'
       python benchmarks/quality/paired.py $d --against mk --out benchmarks/results/quality/$part \
         --committed benchmarks/results/quality/resample/runs.csv benchmarks/results/quality/mnist1d_cnn/runs.csv
       continue ;;

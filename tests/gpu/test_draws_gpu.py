@@ -19,12 +19,11 @@ CUDA = torch.device("cuda")
 
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_random_numbers_on_the_gpu_are_the_cpu_numbers(k):
-    for device in ("cpu", "cuda"):
+    def numbers(device):
         source = Random(7, Random.state_of(torch.tensor(3, device=device)))
-        numbers = (source.integers(k, (5000,), torch.device(device)), source.uniform((999,), torch.device(device)))
-        if device == "cpu":
-            cpu = numbers
-    for on_cpu, on_gpu in zip(cpu, numbers):
+        return source.integers(k, (5000,), torch.device(device)), source.uniform((999,), torch.device(device))
+
+    for on_cpu, on_gpu in zip(numbers("cpu"), numbers("cuda")):
         assert torch.equal(on_cpu, on_gpu.cpu())
 
 

@@ -176,7 +176,9 @@ def apply_majority_kernels(
             parametrize.register_parametrization(layer, pname, kernel, unsafe=True)
             layer.register_load_state_dict_pre_hook(_LoadPlain(pname))
     for layer in {id(layer): layer for uses in users.values() for _, layer, _ in uses}.values():
-        if isinstance(layer, nn.RNNBase):  # reads each weight about 2.5 times per forward: draw each once
+        # an RNN reads each weight about 2.5 times per forward, attention its ``in_proj_weight`` three times (its
+        # fast-path checks): draw each once
+        if isinstance(layer, (nn.RNNBase, nn.MultiheadAttention)):
             layer.register_forward_pre_hook(parametrization.enter_cache)
             layer.register_forward_hook(parametrization.exit_cache, always_call=True)
     if step_on_forward:

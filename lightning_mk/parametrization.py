@@ -258,26 +258,27 @@ _CACHES: list = []  # the parametrize.cached() contexts of the layer forwards ru
 def enter_cache(layer: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a layer that reads its weights several times per forward (an RNN reads each about
     2.5 times): the forward runs in ``parametrize.cached()``, so each kernel is drawn once per forward (the
-    same draw as every read gave: draws depend on the step alone; a re-run forward draws it again, the same)."""
-    context = parametrize.cached()
-    context.__enter__()
-    _CACHES.append(context)
+    same draw as every read gave: draws depend on the step alone; a re-run forward draws it again, the same).
+    Not in a compiled graph, where the reads are traced as they are (a hook outside the graph would break it)."""
+    if not torch.compiler.is_compiling():
+        context = parametrize.cached()
+        context.__enter__()
+        _CACHES.append(context)
 
 
 def exit_cache(layer: nn.Module, args: tuple, output: Any) -> None:
     """Forward hook closing :func:`enter_cache` (registered with ``always_call``: also when the forward fails)."""
-    _CACHES.pop().__exit__(None, None, None)
+    if not torch.compiler.is_compiling():
+        _CACHES.pop().__exit__(None, None, None)
 
 
 def compile_boundaries() -> None:
-    """Run the draw-step hook (a compiled training forward is then the model's graph alone), a kernel marked
-    not ``traceable`` and the cache hooks outside ``torch.compile``'s graphs. Done once, when majority kernels
-    are first applied, rather than at import: ``torch.compiler.disable`` imports ``torch._dynamo``, about a second."""
-    global enter_cache, exit_cache
+    """Run the draw-step hook (a compiled training forward is then the model's graph alone) and a kernel marked
+    not ``traceable`` outside ``torch.compile``'s graphs. Done once, when majority kernels are first applied,
+    rather than at import: ``torch.compiler.disable`` imports ``torch._dynamo``, about a second."""
     if not getattr(Draws, "_outside_graphs", False):
         Draws.forward = torch.compiler.disable(Draws.forward)
         MajorityKernel._eager = torch.compiler.disable(MajorityKernel._eager)
-        enter_cache, exit_cache = torch.compiler.disable(enter_cache), torch.compiler.disable(exit_cache)
         Draws._outside_graphs = True
 
 

@@ -44,10 +44,10 @@ def _words(count: int, width: int) -> int:
 
 
 def _split(words: Tensor, width: int) -> Tensor:
-    """Each 32-bit hash split into ``32 // width`` integers of ``width`` bits (int32, flat, low bits first). The
-    cast to int32 keeps a hash's 32 bits (two's complement); an arithmetic shift leaves each field's bits as they are."""
-    shifts = torch.arange(0, 32 // width * width, width, dtype=torch.int32, device=words.device)
-    return (words.to(torch.int32).view(-1, 1) >> shifts).bitwise_and_((1 << width) - 1).view(-1)
+    """Each 32-bit hash split into ``32 // width`` integers of ``width`` bits (int64, flat, low bits first): the
+    index type of ``gather`` and its backward, which would otherwise convert them."""
+    shifts = torch.arange(0, 32 // width * width, width, dtype=torch.int64, device=words.device)
+    return (words.view(-1, 1) >> shifts).bitwise_and_((1 << width) - 1).view(-1)
 
 
 def _numbers(constant: int, count: int, width: int, state: Tensor, device: torch.device) -> Tensor:
@@ -100,12 +100,12 @@ class Random:
         return self._numbers(math.prod(shape), 0, device).view(shape)
 
     def integers(self, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """Integers in ``[0, high)`` (int32). For ``high`` a power of two ``2**b`` each is exactly uniform: one hash
+        """Integers in ``[0, high)`` (int64). For ``high`` a power of two ``2**b`` each is exactly uniform: one hash
         gives ``32 // b`` of them, ``b`` bits each (a sixteenth of the hashing at ``high = 4``); otherwise one hash per
         element, scaled (each value's probability within ``2**-32`` of ``1 / high``)."""
         width = (high - 1).bit_length()
         if width == 0 or high != 1 << width:
-            return ((self.bits(shape, device) * high) >> 32).to(torch.int32)
+            return (self.bits(shape, device) * high) >> 32
         return self._numbers(math.prod(shape), width, device).view(shape)
 
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -191,11 +191,7 @@ class Select(Scheme):
     def combine(self, copies: Tensor, random: Random) -> Tensor:
         k, shape = copies.shape[0], copies.shape[1:]
         n = math.prod(shape)
-        index = random.integers(k, (n,), copies.device)
-        # the chosen element's place in the flattened copies, int32 where it fits: index_select and its backward
-        # (index_add_) read it as it is, where gather and scatter_add_ take int64 (twice the memory traffic)
-        position = torch.arange(n, dtype=torch.int32 if k * n < 2**31 else torch.int64, device=copies.device)
-        return copies.reshape(-1).index_select(0, torch.add(position, index, alpha=n)).view(shape)
+        return copies.reshape(k, n).gather(0, random.integers(k, (1, n), copies.device)).view(shape)
 
     def second_moment(self, k: int) -> float:
         return 1.0
@@ -247,7 +243,7 @@ class Majority(Scheme):
                 taken = torch.stack([index == earlier for earlier in left_out]).any(0)
                 index = torch.where(taken, j, index)
             left_out.append(index)
-            total = total - copies.gather(0, index.long().unsqueeze(0)).squeeze(0)
+            total = total - copies.gather(0, index.unsqueeze(0)).squeeze(0)
         return total / m
 
     def second_moment(self, k: int) -> float:

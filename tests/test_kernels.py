@@ -152,7 +152,7 @@ def test_integers_are_uniform_and_independent_across_elements_steps_kernels_and_
     n, cpu = 48000, torch.device("cpu")
     draws = {(key, step): Random(key, Random.state_of(torch.tensor(step))).integers(k, (n,), cpu) for key in (3, 4) for step in (5, 6)}
     x = draws[3, 5]
-    assert x.dtype == torch.int32 and x.shape == (n,)
+    assert x.dtype == torch.int64 and x.shape == (n,)
     assert_uniform(x, k, "marginal")
     for lag in (1, 2, 15, 16, 17, 31):  # within one hash (1, 2, 15), across hashes (16 at k = 4, 17, 31)
         assert_uniform(x[:-lag] * k + x[lag:], k * k, f"elements {lag} apart")

@@ -366,36 +366,45 @@ def test_normalization_layers_stay_single_without_a_warning(tmp_path, lightning_
     assert "left single: LayerNorm weight/bias 14.1%" in lightning_log.text
 
 
-def test_a_recurrent_layer_draws_each_kernel_once_per_forward(monkeypatch):
-    """nn.LSTM reads each weight about 2.5 times per forward; the cache makes it one draw, with the same result."""
+@pytest.mark.parametrize(
+    "build, kernels, forward",
+    [
+        (lambda: nn.LSTM(8, 16, num_layers=2), 8, lambda lstm, x: lstm(x)[0]),
+        (lambda: nn.MultiheadAttention(8, 2), 4, lambda attention, x: attention(x, x, x)[0]),
+    ],
+    ids=["lstm", "attention"],
+)
+def test_a_layer_that_reads_its_weights_several_times_draws_each_kernel_once_per_forward(monkeypatch, build, kernels, forward):
+    """nn.LSTM reads each weight about 2.5 times per forward, nn.MultiheadAttention its ``in_proj_weight`` three
+    times; the cache makes each one draw, with the same result."""
     from torch.nn.utils import parametrize
 
     from lightning_mk.collapsing import collapse
     from lightning_mk.parametrization import MajorityKernel
 
-    def build(cached):
+    def make(cached):
         torch.manual_seed(0)
-        lstm = nn.LSTM(8, 16, num_layers=2)
-        kernels = apply_majority_kernels(lstm, k=3, biases=True, init_noise=0.3, step_on_forward=False)
+        layer = build()
+        majority = apply_majority_kernels(layer, k=3, biases=True, init_noise=0.3, step_on_forward=False)
         if not cached:
-            lstm._forward_pre_hooks.clear(), lstm._forward_hooks.clear()
-        kernels.step = 3
-        return lstm.train()
+            layer._forward_pre_hooks.clear(), layer._forward_hooks.clear()
+        majority.step = 3
+        return layer.train()
 
     draws = []
     kernel = MajorityKernel._kernel
     monkeypatch.setattr(MajorityKernel, "_kernel", lambda self, stored: draws.append(self.index) or kernel(self, stored))
     x = torch.randn(5, 2, 8)
-    cached, plain = build(True), build(False)
-    out = cached(x)[0]
-    assert sorted(draws) == list(range(8)), "8 kernels (weights and biases of 2 layers), each drawn once"
+    cached, plain = make(True), make(False)
+    out = forward(cached, x)
+    assert sorted(draws) == list(range(kernels)), f"{kernels} kernels (weights and biases), each drawn once"
     out.square().sum().backward()
-    expected = plain(x)[0]
+    expected = forward(plain, x)
     expected.square().sum().backward()
     assert torch.equal(out, expected)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(cached.parameters(), plain.parameters()))
-    with pytest.raises(RuntimeError):
-        cached(torch.randn(5, 2, 9))
+    with pytest.raises((RuntimeError, AssertionError)):
+        forward(cached, torch.randn(5, 2, 9))
     assert parametrize._cache_enabled == 0, "a failed forward closes the cache"
     collapse(cached)
     assert not cached._forward_pre_hooks and not cached._forward_hooks, "collapse removes the hooks"

@@ -6,15 +6,15 @@ For an MLP, a ResNet and a Transformer at batch 128 it measures, in one process 
 (round-robin over all variants, after warm-up), the median time of one full training step
 (forward, backward, optimizer step) of: the plain small model; the "k-copy floor" (the plain step
 plus a fresh gradient of (k-1) x the kernel parameters and an optimizer step over them: what any
-method training k copies pays at least); MK for every scheme and k in {2, 4, 8}; the wide (k x n)
-model. Peak memory is measured per variant in a fresh subprocess (peak RSS of a few steps, minus
+method training k copies pays at least); MK for every scheme and k in {2, 4, 8}, and as the callback trains by
+default (``mk default``: form ``relative``, its noise level and decay); the wide (k x n) model. Peak memory is measured per variant in a fresh subprocess (peak RSS of a few steps, minus
 the same process's RSS before the model is built). Then: collapse time of a ~50M-parameter model,
 and the inference latency of a collapsed model against the plain model (the same architecture, so
 the ratio should be 1.00), and of the MK model in eval mode (its mean is computed once and reused).
 
-``--compile``: plain, the floor and every scheme at k = 4, each eager and ``torch.compile(model,
-fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (the copies, and the
-callback's default form ``relative``), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
+``--compile``: plain, the floor, every scheme and the default at k = 4, each eager and ``torch.compile(model,
+fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (``select`` and the
+default), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
 steps of one variant (torch.profiler), to see where its time goes. ``--device cuda``: the same on a GPU (each step
 synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``.
 """
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mk import apply_majority_kernels, collapse
+from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapse
 from lightning_mk.forms import get_form
 from lightning_mk.layers import eligible_layers, resolve_layer_types
 from lightning_mk.experiments.models import MLP, ResNet, Transformer
@@ -105,16 +105,20 @@ def variants(model_name: str, optimizer: str):
             yield f"mk {scheme} k={k}", lambda k=k, s=scheme: Variant(
                 f"mk {s} k={k}", apply_majority_kernels(copy.deepcopy(plain), k=k, scheme=s).module, optimizer, shape
             )
+        default = MajorityKernelCallback(k=k).settings  # what the callback trains (at its ceiling noise level)
+        yield f"mk default k={k}", lambda k=k, d=default: Variant(
+            f"mk default k={k}", apply_majority_kernels(copy.deepcopy(plain), d).module, optimizer, shape
+        )
         yield f"wide k={k}", lambda k=k: Variant(f"wide k={k}", build(k * n), optimizer, shape)
 
 
 def family(model_name: str, optimizer: str, k: int = 4):
-    """MK with the callback's default form, and the re-parametrisations DO-Conv (where the model has convolutions
-    with several taps) and ExpandNets, at ``k``: (name, builder) as :func:`variants`."""
+    """The re-parametrisations DO-Conv (where the model has convolutions with several taps) and ExpandNets, at
+    ``k``: (name, builder) as :func:`variants`."""
     build, shape, n = MODELS[model_name]
     torch.manual_seed(0)
     plain = build(n)
-    options = {f"mk relative k={k}": dict(k=k, form="relative"), f"expand k={k}": dict(k=k, form="expand")}
+    options = {f"expand k={k}": dict(k=k, form="expand")}
     eligible = eligible_layers(plain, resolve_layer_types(None), biases=False)
     if any(get_form("doconv").supports(layer, layer._parameters[p]) for uses in eligible.values() for layer, p in uses):
         options["doconv"] = dict(form="doconv")
@@ -181,15 +185,15 @@ def peak_memory_mb(model_name: str, optimizer: str, variant: str) -> float:
 
 
 def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, with_family: bool = False, k: int = 4) -> list[str]:
-    """Median step of plain, the floor and every scheme at k (``with_family``: MK's copies and relative forms, DO-Conv
+    """Median step of plain, the floor, every scheme and the callback's default at k (``with_family``: select, the default, DO-Conv
     and ExpandNets, with their peak extra memory, eager), eager and ``torch.compile(fullgraph=True)`` (inductor;
     the optimizer step stays eager), interleaved after warm-up."""
     made = dict(variants(model_name, optimizer))
     if with_family:
         made |= dict(family(model_name, optimizer, k))
-        wanted = [name for name in ("plain", f"floor k={k}", f"mk select k={k}", f"mk relative k={k}", "doconv", f"expand k={k}") if name in made]
+        wanted = [name for name in ("plain", f"floor k={k}", f"mk select k={k}", f"mk default k={k}", "doconv", f"expand k={k}") if name in made]
     else:
-        wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES]
+        wanted = ["plain", f"floor k={k}"] + [f"mk {scheme} k={k}" for scheme in SCHEMES] + [f"mk default k={k}"]
     runs = {}
     for name in wanted:
         runs[f"{name}, eager"] = made[name]()

@@ -22,7 +22,7 @@ def _deployed(stored: Tensor, form: str) -> Tensor:
     """The eval-mode kernel as a tensor of its own (saving it does not save the whole stored tensor): a view of
     the stored tensor (decoupled's ``mu``) is copied, a computed one (the copies' mean) is new already."""
     form_ = get_form(form)
-    deployed = form_.deployed(stored, form_.rows(stored))
+    deployed = form_.deployed(*form_.split(stored))
     return deployed.clone() if deployed._is_view() else deployed
 
 

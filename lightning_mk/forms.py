@@ -45,13 +45,19 @@ class Form:
         ``grad_scale``)."""
         return stored
 
-    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+    def split(self, stored: Tensor) -> tuple[Tensor, Tensor]:
+        """``(head, rows)``: what :meth:`sample` and :meth:`deployed` read besides the rows (by default the stored
+        tensor itself), and :meth:`rows`. A form whose head and rows are parts of the stored tensor takes both
+        in one operation, so that a training step's backward writes the stored tensor's gradient once."""
+        return stored, self.rows(stored)
+
+    def sample(self, head: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
         """The training kernel, from the scheme's combination of ``rows``."""
         return combined
 
-    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
+    def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
         """The eval-mode kernel, which the noise level shrinks a sample towards and collapsing keeps."""
-        return rows.mean(0)
+        return _mean(rows)
 
     def copies(self, stored: Tensor) -> Tensor:
         """The ``[k, *S]`` copies the stored tensor stands for."""
@@ -88,11 +94,15 @@ class Decoupled(Form):
     def rows(self, stored: Tensor) -> Tensor:
         return stored[1:]
 
-    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
-        return stored[0] + (combined - rows.mean(0))  # unbiased around mu for every scheme
+    def split(self, stored: Tensor) -> tuple[Tensor, Tensor]:
+        mu, rows = stored.split([1, len(stored) - 1])  # the head is [1, *S]: mu is head[0]
+        return mu, rows
 
-    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
-        return stored[0]
+    def sample(self, head: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+        return head[0] + (combined - _mean(rows))  # unbiased around mu for every scheme
+
+    def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
+        return head[0]
 
     def copies(self, stored: Tensor) -> Tensor:
         deviations = stored[1:]
@@ -118,9 +128,9 @@ class Relative(Decoupled):
     name = "relative"
     init_noise = 1.0
 
-    def sample(self, stored: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
-        mu = stored[0]
-        center = rows.mean(0)
+    def sample(self, head: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
+        mu = head[0]
+        center = _mean(rows)
         return mu + (combined - center) * _normaliser(mu, rows, center)
 
     def copies(self, stored: Tensor) -> Tensor:
@@ -135,15 +145,13 @@ class Relative(Decoupled):
 
 class Reparametrisation(Form):
     """A deterministic form: training uses the deployed kernel itself (no draw, no noise level); the stored
-    tensor stands for that one kernel, so its copies are the kernel and their spread is zero."""
+    tensor stands for that one kernel, so its copies are the kernel and their spread is zero. Its rows are the
+    stored tensor, which :meth:`deployed` folds."""
 
     random = False
 
-    def rows(self, stored: Tensor) -> Tensor:
-        return stored
-
     def copies(self, stored: Tensor) -> Tensor:
-        return self.deployed(stored, stored).unsqueeze(0)
+        return self.deployed(*self.split(stored)).unsqueeze(0)
 
     def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
         return 0.0
@@ -168,9 +176,9 @@ class DOConv(Reparametrisation):
         taps = math.prod(w.shape[2:])
         return torch.cat([w, w.new_zeros(taps, *w.shape[1:])]).unsqueeze(0)
 
-    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
-        taps = math.prod(stored.shape[3:])
-        w, d = stored[0, :-taps], stored[0, -taps:]
+    def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
+        taps = math.prod(rows.shape[3:])
+        w, d = rows[0, :-taps], rows[0, -taps:]
         depthwise = torch.einsum("oid,dis->ois", w.flatten(2), d.flatten(2))
         return w + depthwise.view_as(w)
 
@@ -207,11 +215,11 @@ class Expand(Reparametrisation):
         stored = torch.cat([b.reshape(k, out, k * n_in, *taps), extra.view(k, out, -1, *taps)], 2)
         return stored.to(weight.dtype)
 
-    def deployed(self, stored: Tensor, rows: Tensor) -> Tensor:
-        k, out, columns, *taps = stored.shape
+    def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
+        k, out, columns, *taps = rows.shape
         n_in = _expand_in(k, out, columns, math.prod(taps))
-        b = stored[:, :, : k * n_in].reshape(k * out, k * n_in, -1)
-        extra = stored[:, :, k * n_in :].reshape(k, -1)
+        b = rows[:, :, : k * n_in].reshape(k * out, k * n_in, -1)
+        extra = rows[:, :, k * n_in :].reshape(k, -1)
         c = extra[:, : out * out].reshape(k, out, out).permute(2, 0, 1).reshape(out, k * out)
         a = extra[:, out * out : out * out + n_in * n_in].reshape(k * n_in, n_in)
         if out <= n_in:  # the cheaper order of the two contractions
@@ -237,11 +245,20 @@ def _expand_in(k: int, out: int, columns: int, taps: int) -> int:
     raise ValueError(f"not a stored form='expand' kernel: k={k}, out={out}, {columns} columns, {taps} taps")
 
 
+def _mean(rows: Tensor) -> Tensor:
+    """The rows' mean as their sum over k: its backward broadcasts the gradient (``mean``'s writes k copies of it)."""
+    return rows.sum(0) / len(rows)
+
+
 def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
-        size = mu.pow(2).mean().sqrt()
-        return size / (deviations - center).pow(2).mean().sqrt().clamp_min(1e-6 * size).clamp_min(1e-30)
+        size = _rms(mu)
+        return size / _rms(deviations - center).clamp_min(1e-6 * size).clamp_min(1e-30)
+
+
+def _rms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())  # one pass, no squared temporary
 
 
 def _relative(distance: Tensor, k: int, center: Tensor) -> float:

@@ -189,14 +189,14 @@ class MajorityKernel(nn.Module):
             return self._deployed(stored)
         # a re-parametrisation trains its deployed kernel; at zero noise the draw is the eval kernel: skip it
         # (compiled, the draw stays: one graph for every level)
+        head, rows = self._form.split(stored)
         if not self._form.random or (self.draws._noise == 0 and not torch.compiler.is_compiling()):
-            return self._form.deployed(stored, self._form.rows(stored))
-        rows = self._form.rows(stored)
+            return self._form.deployed(head, rows)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
-        kernel = self._form.sample(stored, rows, self._scheme.combine(rows, Random(self.key, self.draws.state, self.draws.batch)))
+        kernel = self._form.sample(head, rows, self._scheme.combine(rows, Random(self.key, self.draws.state, self.draws.batch)))
         if self.draws.noisy or self.draws._decay:
-            deployed = self._form.deployed(stored, rows)  # once: the copies form averages k rows for it
+            deployed = self._form.deployed(head, rows)  # once: the copies form averages k rows for it
             if self.draws.noisy:
                 kernel = torch.lerp(deployed, kernel, self.draws.level.to(kernel.dtype))
             if self.draws._decay:
@@ -223,10 +223,10 @@ class MajorityKernel(nn.Module):
         """The deployed kernel; without autograd (validation, inference) computed once per eval period and
         change of the stored tensor (an in-place update or a state load bumps its version counter)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._form.deployed(stored, self._form.rows(stored))
+            return self._form.deployed(*self._form.split(stored))
         stamp = (stored.data_ptr(), stored._version, stored.dtype, stored.device)
         if self._cache is None or self._cache[0] != stamp:
-            self._cache = (stamp, self._form.deployed(stored, self._form.rows(stored)))
+            self._cache = (stamp, self._form.deployed(*self._form.split(stored)))
         return self._cache[1]
 
     def get_extra_state(self) -> Tensor:

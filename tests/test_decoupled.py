@@ -271,3 +271,24 @@ def test_relative_form_gives_mu_the_plain_gradient_and_is_plain_training_at_zero
     _train(kernels.module, torch.optim.Adam(kernels.module.parameters(), lr=1e-2), batches)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(kernels.collapsed_state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["decoupled", "relative"])
+def test_a_training_step_reaches_the_stored_tensor_by_one_edge(form):
+    """With the callback's noise level and decay, a step uses mu several times and the deviations: all come from
+    one split of the stored tensor, so its gradient is written once, not once per use into a zero-filled tensor
+    of the stored tensor's full size."""
+    model = _linear()
+    apply_majority_kernels(model, MajorityKernelCallback(k=4, form=form).settings)
+    stored = _stored(model)
+    edges, seen, todo = 0, set(), [model(torch.randn(5, 6)).sum().grad_fn]
+    while todo:
+        node = todo.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            edges += getattr(child, "variable", None) is stored
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    assert edges == 1

@@ -92,7 +92,7 @@ class Decoupled(Form):
         return torch.cat([mu.unsqueeze(0), copies - mu])
 
     def rows(self, stored: Tensor) -> Tensor:
-        return stored[1:]
+        return self.split(stored)[1]
 
     def split(self, stored: Tensor) -> tuple[Tensor, Tensor]:
         mu, rows = stored.split([1, len(stored) - 1])  # the head is [1, *S]: mu is head[0]
@@ -105,8 +105,8 @@ class Decoupled(Form):
         return head[0]
 
     def copies(self, stored: Tensor) -> Tensor:
-        deviations = stored[1:]
-        return stored[0] + (deviations - deviations.mean(0))
+        head, deviations = self.split(stored)
+        return self.sample(head, deviations, deviations)  # each deviation as the combination
 
     def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
         # the copies' offsets from mu are the deviations' offsets from their mean
@@ -132,11 +132,6 @@ class Relative(Decoupled):
         mu = head[0]
         center = _mean(rows)
         return mu + (combined - center) * _normaliser(mu, rows, center)
-
-    def copies(self, stored: Tensor) -> Tensor:
-        mu, deviations = stored[0], stored[1:]
-        center = deviations.mean(0)
-        return mu + (deviations - center) * _normaliser(mu, deviations, center)
 
     def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
         # 1 by construction (0 while the deviations are all equal)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -98,8 +99,25 @@ class Decoupled(Form):
         mu, rows = stored.split([1, len(stored) - 1])  # the head is [1, *S]: mu is head[0]
         return mu, rows
 
+    def scale(self, mu: Tensor, deviations: Tensor, center: Tensor) -> Optional[Tensor]:
+        """The factor (no gradient) on a sample's offset from ``mu``; None: 1."""
+        return None
+
     def sample(self, head: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
-        return head[0] + (combined - _mean(rows))  # unbiased around mu for every scheme
+        center = _mean(rows)
+        offset, scale = combined - center, self.scale(head[0], rows, center)
+        return head[0] + (offset if scale is None else offset * scale)  # unbiased around mu for every scheme
+
+    def select(self, stored: Tensor, index: Tensor, level: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
+        """:meth:`sample` of the ``select`` scheme's combination (``index``: the copy each element takes, ``[1, numel]``)
+        at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd node, whose
+        backward writes the stored tensor's gradient in one pass (the general composition writes and sums several
+        of its size); the deviations' gradients times ``grad_scale``."""
+        with torch.no_grad():
+            mu, deviations = self.split(stored)
+            center = _mean(deviations)
+            scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
+        return _Selected.apply(stored, index, center, level if scale is None else level * scale, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
         return head[0]
@@ -128,14 +146,49 @@ class Relative(Decoupled):
     name = "relative"
     init_noise = 1.0
 
-    def sample(self, head: Tensor, rows: Tensor, combined: Tensor) -> Tensor:
-        mu = head[0]
-        center = _mean(rows)
-        return mu + (combined - center) * _normaliser(mu, rows, center)
+    def scale(self, mu: Tensor, deviations: Tensor, center: Tensor) -> Optional[Tensor]:
+        return _normaliser(mu, deviations, center)
 
     def spread(self, rows: Tensor, first: int, n_rows: int, total: Callable[[Tensor], Tensor]) -> float:
         # 1 by construction (0 while the deviations are all equal)
         return float(super().spread(rows, first, n_rows, total) > 0)
+
+
+class _Selected(torch.autograd.Function):
+    """``mu + c * (deviations[index] - center)`` from the stored ``[mu, deviations]`` (``center``, their mean, and ``c``
+    are given without gradient), with L2 ``decay`` on ``mu``: :meth:`Decoupled.select`. The gradient is ``g + decay mu``
+    for ``mu`` and ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``, written into one uninitialised tensor."""
+
+    @staticmethod
+    def forward(stored: Tensor, index: Tensor, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
+        flat = stored.reshape(len(stored), -1)
+        kernel = flat[1:].gather(0, index).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
+        return kernel.view(stored.shape[1:])
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        stored, index, center, c, decay, grad_scale = inputs
+        ctx.save_for_backward(stored, index, c, decay)
+        ctx.grad_scale = grad_scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        stored, index, c, decay = ctx.saved_tensors
+        k, g = len(stored) - 1, grad.reshape(1, -1)
+        mu = stored[0].reshape(1, -1)
+        offset = g * (c * ctx.grad_scale)  # the gradient of the chosen deviation
+        if torch.is_grad_enabled():  # a double backward (create_graph): differentiable ops only
+            mu_grad = g if decay is None else g + decay.to(g.dtype) * mu
+            deviations_grad = offset.new_zeros(k, offset.shape[1]).scatter_add(0, index, offset) - offset / k
+            return torch.cat([mu_grad, deviations_grad]).view_as(stored), None, None, None, None, None
+        stored_grad = g.new_empty(k + 1, g.shape[1])
+        if decay is None:
+            stored_grad[0] = g[0]
+        else:
+            torch.addcmul(g, decay.to(g.dtype), mu, out=stored_grad[:1])
+        torch.mul(offset.expand(k, -1), -1 / k, out=stored_grad[1:])
+        stored_grad[1:].scatter_add_(0, index, offset)
+        return stored_grad.view_as(stored), None, None, None, None, None
 
 
 class Reparametrisation(Form):

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_mk.forms import get_form
-from lightning_mk.schemes import Batch, Random, get_scheme
+from lightning_mk.forms import Decoupled, get_form
+from lightning_mk.schemes import Batch, Random, Select, get_scheme
 from lightning_mk.settings import Settings
 
 __all__ = ["MajorityKernel", "Draws", "majority_kernels", "has_majority_kernels", "kernel_settings", "seed_of"]
@@ -171,6 +171,9 @@ class MajorityKernel(nn.Module):
         self.grad_scale = settings.gradient_scale
         self._scheme = get_scheme(settings.scheme)
         self._form = get_form(settings.form)
+        # Decoupled.sample of Select.combine as one autograd node (Decoupled.select), where neither is overridden
+        self._select = isinstance(self._form, Decoupled) and type(self._form).sample is Decoupled.sample
+        self._select = self._select and type(self._scheme).combine is Select.combine
         self.key = draws.key(index)
         self._cache: Optional[tuple] = None
 
@@ -192,9 +195,13 @@ class MajorityKernel(nn.Module):
         head, rows = self._form.split(stored)
         if not self._form.random or (self.draws._noise == 0 and not torch.compiler.is_compiling()):
             return self._form.deployed(head, rows)
+        random = Random(self.key, self.draws.state, self.draws.batch)
+        if self._select and not torch.compiler.is_compiling():  # compiled, inductor fuses the general composition
+            decay = self.draws.decay if self.draws._decay else None
+            return self._form.select(stored, self._scheme.index(rows, random), self.draws.level, decay, self.grad_scale)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
-        kernel = self._form.sample(head, rows, self._scheme.combine(rows, Random(self.key, self.draws.state, self.draws.batch)))
+        kernel = self._form.sample(head, rows, self._scheme.combine(rows, random))
         if self.draws.noisy or self.draws._decay:
             deployed = self._form.deployed(head, rows)  # once: the copies form averages k rows for it
             if self.draws.noisy:

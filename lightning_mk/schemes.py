@@ -189,9 +189,11 @@ class Select(Scheme):
     """Per element, one copy chosen uniformly at random (one-hot coefficients)."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
-        k, shape = copies.shape[0], copies.shape[1:]
-        n = math.prod(shape)
-        return copies.reshape(k, n).gather(0, random.integers(k, (1, n), copies.device)).view(shape)
+        return copies.reshape(len(copies), -1).gather(0, self.index(copies, random)).view(copies.shape[1:])
+
+    def index(self, copies: Tensor, random: Random) -> Tensor:
+        """The copy each element takes, ``[1, numel]`` (int64, the index type of ``gather``)."""
+        return random.integers(len(copies), (1, copies[0].numel()), copies.device)
 
     def second_moment(self, k: int) -> float:
         return 1.0

@@ -292,3 +292,39 @@ def test_a_training_step_reaches_the_stored_tensor_by_one_edge(form):
                 seen.add(child)
                 todo.append(child)
     assert edges == 1
+
+
+@pytest.mark.parametrize("form", ["decoupled", "relative"])
+@pytest.mark.parametrize("options", [dict(), dict(grad_scale="k", noise=0.5, decay=0.1)])
+def test_select_as_one_node_equals_the_general_composition(form, options):
+    """The decoupled forms' eager select path (one autograd node) draws the kernel and writes the gradient the
+    composition of the scheme, the form, the noise level and decay gives, at every step."""
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    runs = []
+    for fused in (True, False):
+        kernels = apply_majority_kernels(_linear().double(), k=4, form=form, init_noise=0.5, step_on_forward=False, **options)
+        for layer in kernels.module[0], kernels.module[2]:
+            layer.parametrizations.weight[0]._select = fused
+        kernels.draws.noise = options.get("noise", 1.0) * 0.6  # below the ceiling: lerped towards mu, less decay
+        kernels.step = 7
+        weights = [kernels.module[0].weight, kernels.module[2].weight]
+        nn.functional.cross_entropy(kernels.module(x), y).backward()
+        runs.append(weights + [_stored(kernels.module, name).grad for name in ("0", "2")])
+    for got, expected in zip(*runs):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_select_as_one_node_has_the_gradients_of_its_formula_first_and_second_order():
+    """Its hand-written backward (no decay, which is not a gradient of the kernel) against finite differences of
+    mu + c (deviations[index] - mean(deviations)), and differentiable again (create_graph)."""
+    from lightning_mk.forms import _Selected
+
+    g = torch.Generator().manual_seed(0)
+    stored = torch.randn(5, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    index = torch.randint(0, 4, (1, 12), generator=g)
+
+    def kernel(stored):
+        return _Selected.apply(stored, index, stored[1:].detach().mean(0), torch.tensor(0.7, dtype=torch.float64), None, 1.0)
+
+    assert torch.autograd.gradcheck(kernel, (stored,))
+    assert torch.autograd.gradgradcheck(kernel, (stored,))

@@ -172,8 +172,8 @@ class MajorityKernel(nn.Module):
         self._scheme = get_scheme(settings.scheme)
         self._form = get_form(settings.form)
         # Decoupled.sample of Select.combine as one autograd node (Decoupled.select), where neither is overridden
-        self._select = isinstance(self._form, Decoupled) and type(self._form).sample is Decoupled.sample
-        self._select = self._select and type(self._scheme).combine is Select.combine
+        self._select = (isinstance(self._form, Decoupled) and type(self._form).sample is Decoupled.sample
+                        and type(self._scheme).combine is Select.combine)
         self.key = draws.key(index)
         self._cache: Optional[tuple] = None
 

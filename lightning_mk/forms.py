@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_mk.schemes import Random, Select
+
 __all__ = ["Form", "Copies", "Decoupled", "Relative", "Reparametrisation", "DOConv", "Expand", "FORMS", "register_form", "get_form"]
 
 
@@ -108,16 +110,18 @@ class Decoupled(Form):
         offset, scale = combined - center, self.scale(head[0], rows, center)
         return head[0] + (offset if scale is None else offset * scale)  # unbiased around mu for every scheme
 
-    def select(self, stored: Tensor, index: Tensor, level: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
-        """:meth:`sample` of the ``select`` scheme's combination (``index``: the copy each element takes, ``[1, numel]``)
-        at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd node, whose
+    def select(self, stored: Tensor, scheme: Select, random: Random, level: Tensor, decay: Optional[Tensor],
+               grad_scale: float) -> Tensor:
+        """:meth:`sample` of the ``select`` scheme's combination (``scheme.index``: the copy each element takes) at
+        noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd node, whose
         backward writes the stored tensor's gradient in one pass (the general composition writes and sums several
         of its size); the deviations' gradients times ``grad_scale``."""
-        with torch.no_grad():
+        with torch.no_grad():  # the stored tensor is split here only, with no autograd node
             mu, deviations = self.split(stored)
             center = _mean(deviations)
             scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
-        return _Selected.apply(stored, index, center, level if scale is None else level * scale, decay, grad_scale)
+        c = level if scale is None else level * scale
+        return _Selected.apply(stored, scheme.index(deviations, random), center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
         return head[0]

@@ -192,13 +192,13 @@ class MajorityKernel(nn.Module):
             return self._deployed(stored)
         # a re-parametrisation trains its deployed kernel; at zero noise the draw is the eval kernel: skip it
         # (compiled, the draw stays: one graph for every level)
-        head, rows = self._form.split(stored)
         if not self._form.random or (self.draws._noise == 0 and not torch.compiler.is_compiling()):
-            return self._form.deployed(head, rows)
+            return self._form.deployed(*self._form.split(stored))
         random = Random(self.key, self.draws.state, self.draws.batch)
         if self._select and not torch.compiler.is_compiling():  # compiled, inductor fuses the general composition
             decay = self.draws.decay if self.draws._decay else None
-            return self._form.select(stored, self._scheme.index(rows, random), self.draws.level, decay, self.grad_scale)
+            return self._form.select(stored, self._scheme, random, self.draws.level, decay, self.grad_scale)
+        head, rows = self._form.split(stored)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
         kernel = self._form.sample(head, rows, self._scheme.combine(rows, random))

@@ -298,7 +298,7 @@ def test_a_training_step_reaches_the_stored_tensor_by_one_edge(form):
 @pytest.mark.parametrize("options", [dict(), dict(grad_scale="k", noise=0.5, decay=0.1)])
 def test_select_as_one_node_equals_the_general_composition(form, options):
     """The decoupled forms' eager select path (one autograd node) draws the kernel and writes the gradient the
-    composition of the scheme, the form, the noise level and decay gives, at every step."""
+    composition of the scheme, the form, the noise level and decay gives."""
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     runs = []
     for fused in (True, False):

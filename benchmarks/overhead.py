@@ -16,7 +16,8 @@ the ratio should be 1.00), and of the MK model in eval mode (its mean is compute
 fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (``select`` and the
 default), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
 steps of one variant (torch.profiler), to see where its time goes. ``--device cuda``: the same on a GPU (each step
-synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``.
+synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``. Denormal
+floats are flushed to zero (``torch.set_flush_denormal``), so that no step time depends on the data.
 """
 
 from __future__ import annotations
@@ -287,6 +288,10 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
+    # Every variant trains on one fixed batch: once a model has memorised it, its gradients can fall into the
+    # denormal range, where x86 arithmetic is several times slower (the wide MLP's step went from 0.25 to 1.1 s
+    # after 25 steps); flushed to zero, a step's time no longer depends on how far a variant got
+    torch.set_flush_denormal(True)
 
     command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])
     lines = [

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from lightning_mk.schemes import _mix, _split
+from lightning_mk.schemes import _mix, _split, _words
 
 
 def _sync(device: torch.device) -> None:
@@ -38,7 +38,7 @@ def _bytes(words: torch.Tensor, width: int) -> torch.Tensor:
 def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str, Callable[[], torch.Tensor]]]:
     """For each step, its implementations (name -> function of no arguments returning the step's tensor)."""
     width = (k - 1).bit_length()
-    words = _mix(torch.arange(-(-n // (32 // width)), dtype=torch.int64, device=device))
+    words = _mix(torch.arange(_words(n, width), dtype=torch.int64, device=device))
     index = _split(words, width)[:n].view(1, n)
     copies = torch.randn(k, n, device=device)
     grad = torch.randn(1, n, device=device)

@@ -289,8 +289,8 @@ def main() -> None:
     global DEVICE
     DEVICE = torch.device(args.device)
     # Every variant trains on one fixed batch: once a model has memorised it, its gradients can fall into the
-    # denormal range, where x86 arithmetic is several times slower (the wide MLP's step went from 0.25 to 1.1 s
-    # after 25 steps); flushed to zero, a step's time no longer depends on how far a variant got
+    # denormal range, where x86 arithmetic is several times slower (docs/overhead.md); flushed to zero, a step's
+    # time no longer depends on how far a variant got
     torch.set_flush_denormal(True)
 
     command = " ".join(["python benchmarks/overhead.py", *sys.argv[1:]])

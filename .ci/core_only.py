@@ -3,6 +3,7 @@ model with none of the experiment app's dependencies installed."""
 
 import importlib.util
 import tempfile
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +16,8 @@ import lightning_mk
 absent = ["hydra", "omegaconf", "wandb", "sklearn", "matplotlib", "scipy", "mnist1d"]
 present = [name for name in absent if importlib.util.find_spec(name) is not None]
 assert not present, f"the core install pulled in {present}"
+source = Path(lightning_mk.__file__).parent / "csrc" / "select.cpp"
+assert source.is_file(), f"the installed package lacks the CPU select kernel's source ({source})"
 
 
 class Tiny(pl.LightningModule):

@@ -1,13 +1,15 @@
-"""The stock PyTorch ways to train one kernel under the ``select`` scheme, timed side by side.
+"""The ways to train one kernel under the ``select`` scheme, timed side by side.
 
     python benchmarks/select_ops.py [--k 4] [--sizes 6912 1048576] [--rounds 15] [--device cpu]
 
 ``select`` gives every element of a kernel one of its k copies. With stock operations that takes three steps,
 each with several possible implementations: the index (from the 32-bit hashes, 16 two-bit lanes each at k = 4),
 the forward (the chosen copy of each element) and the backward (the ``[k, n]`` gradient: the output's gradient at
-the chosen copy, zero elsewhere). For each step and kernel size (elements) this prints the median time of each
-implementation over ``--rounds`` interleaved rounds; the first of each step is the one the library uses. All
-implementations of a step are checked to give the same tensor before they are timed.
+the chosen copy, zero elsewhere). The last step, ``all``, is the three together: the library's CPU kernel
+(:mod:`lightning_mk.native`, what eager CPU training uses) against the fastest stock composition (what the library
+uses elsewhere, the first of each step). For each step and kernel size (elements) this prints the median time of
+each implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the
+same tensor before they are timed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from lightning_mk import native
 from lightning_mk.schemes import _mix, _split, _words
 
 
@@ -35,8 +38,9 @@ def _bytes(words: torch.Tensor, width: int) -> torch.Tensor:
     return (low >> shifts).bitwise_and_((1 << width) - 1).view(-1).long()
 
 
-def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str, Callable[[], torch.Tensor]]]:
-    """For each step, its implementations (name -> function of no arguments returning the step's tensor)."""
+def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str, Callable[[], object]]]:
+    """For each step, its implementations (name -> function of no arguments returning the step's tensor, or
+    tensors)."""
     width = (k - 1).bit_length()
     words = _mix(torch.arange(_words(n, width), dtype=torch.int64, device=device))
     index = _split(words, width)[:n].view(1, n)
@@ -47,6 +51,16 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
     index_ways = {"int64 shift and mask (lightning_mk)": lambda: _split(words, width)[:n]}
     if 8 % width == 0:  # lanes that do not straddle a byte
         index_ways["uint8 bytes, widened last"] = lambda: _bytes(words, width)[:n]
+
+    def stock() -> tuple[torch.Tensor, torch.Tensor]:  # the first of each step
+        drawn = _split(words, width)[:n].view(1, n)
+        return copies.gather(0, drawn).view(-1), copies.new_zeros(k, n).scatter_add_(0, drawn, grad)
+
+    whole = {"stock: the index, gather, zeros and scatter_add_": stock}
+    if device.type == "cpu" and native.available():  # the hashes above are the stream 0 (state 0, constant 0)
+        state = torch.zeros((), dtype=torch.int64)
+        whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
+            native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
     return {
         "index": index_ways,
         "forward": {
@@ -59,6 +73,7 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
             "zeros, scatter_": lambda: copies.new_zeros(k, n).scatter_(0, index, grad),
             "where(rows == index, grad, 0)": lambda: torch.where(rows == index, grad, 0.0),
         },
+        "all": whole,
     }
 
 
@@ -77,10 +92,10 @@ def main() -> None:
     print("| elements | step | implementation | time (us) | / first |\n|--:|---|---|--:|--:|")
     for n in args.sizes:
         for step, ways in implementations(args.k, n, device).items():
-            results = {name: way() for name, way in ways.items()}
+            results = {name: (lambda out: out if isinstance(out, tuple) else (out,))(way()) for name, way in ways.items()}
             first = next(iter(results.values()))
             for name, result in results.items():
-                if not torch.equal(result, first):
+                if not all(map(torch.equal, result, first)):
                     raise AssertionError(f"{step}: {name!r} differs from {next(iter(results))!r}")
             repeats = max(1, (1 << 22) // n)  # about 4M elements per timing
             times: dict[str, list[float]] = {name: [] for name in ways}

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_mk import native
 from lightning_mk.schemes import Random, Select
 
 __all__ = ["Form", "Copies", "Decoupled", "Relative", "Reparametrisation", "DOConv", "Expand", "FORMS", "register_form", "get_form"]
@@ -112,7 +113,7 @@ class Decoupled(Form):
 
     def select(self, stored: Tensor, scheme: Select, random: Random, level: Tensor, decay: Optional[Tensor],
                grad_scale: float) -> Tensor:
-        """:meth:`sample` of the ``select`` scheme's combination (``scheme.index``: the copy each element takes) at
+        """:meth:`sample` of the ``select`` scheme's combination (``scheme.stream`` or ``scheme.index``: the copy each element takes) at
         noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd node, whose
         backward writes the stored tensor's gradient in one pass (the general composition writes and sums several
         of its size); the deviations' gradients times ``grad_scale``."""
@@ -121,7 +122,9 @@ class Decoupled(Form):
             center = _mean(deviations)
             scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
         c = level if scale is None else level * scale
-        return _Selected.apply(stored, scheme.index(deviations, random), center, c, decay, grad_scale)
+        stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or an index
+        drawn = scheme.index(deviations, random) if stream is None else (stream[0].clone(), stream[1])
+        return _Selected.apply(stored, drawn, center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
         return head[0]
@@ -159,29 +162,35 @@ class Relative(Decoupled):
 
 
 class _Selected(torch.autograd.Function):
-    """``mu + c * (deviations[index] - center)`` from the stored ``[mu, deviations]`` (``center``, their mean, and ``c``
-    are given without gradient), with L2 ``decay`` on ``mu``: :meth:`Decoupled.select`. The gradient is ``g + decay mu``
-    for ``mu`` and ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``, written into one uninitialised tensor."""
+    """``mu + c * (deviations[drawn] - center)`` from the stored ``[mu, deviations]`` (``center``, their mean, and ``c``
+    are given without gradient), with L2 ``decay`` on ``mu``: :meth:`Decoupled.select`. ``drawn`` is the copy each
+    element takes: an index ``[1, n]``, or the CPU kernel's stream ``(state, constant)`` (:mod:`lightning_mk.native`).
+    The gradient is ``g + decay mu`` for ``mu`` and ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``, written into
+    one uninitialised tensor."""
 
     @staticmethod
-    def forward(stored: Tensor, index: Tensor, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
+    def forward(stored: Tensor, drawn, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
         flat = stored.reshape(len(stored), -1)
-        kernel = flat[1:].gather(0, index).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
+        picked = flat[1:].gather(0, drawn) if isinstance(drawn, Tensor) else native.select(flat[1:], *drawn)
+        kernel = picked.view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
         return kernel.view(stored.shape[1:])
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        stored, index, center, c, decay, grad_scale = inputs
-        ctx.save_for_backward(stored, index, c, decay)
+        stored, drawn, center, c, decay, grad_scale = inputs
+        ctx.stream = None if isinstance(drawn, Tensor) else drawn
+        ctx.save_for_backward(stored, c, decay, drawn if ctx.stream is None else None)
         ctx.grad_scale = grad_scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        stored, index, c, decay = ctx.saved_tensors
+        stored, c, decay, index = ctx.saved_tensors
         k, g = len(stored) - 1, grad.reshape(1, -1)
         mu = stored[0].reshape(1, -1)
         offset = g * (c * ctx.grad_scale)  # the gradient of the chosen deviation
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiable ops only
+            if index is None:
+                index = native.index(*ctx.stream, k, g.numel()).view(1, -1)
             mu_grad = g if decay is None else g + decay.to(g.dtype) * mu
             deviations_grad = offset.new_zeros(k, offset.shape[1]).scatter_add(0, index, offset) - offset / k
             return torch.cat([mu_grad, deviations_grad]).view_as(stored), None, None, None, None, None
@@ -190,8 +199,12 @@ class _Selected(torch.autograd.Function):
             stored_grad[0] = g[0]
         else:
             torch.addcmul(g, decay.to(g.dtype), mu, out=stored_grad[:1])
-        torch.mul(offset.expand(k, -1), -1 / k, out=stored_grad[1:])
-        stored_grad[1:].scatter_add_(0, index, offset)
+        if index is None:  # one pass: offset - offset/k at the drawn copy, -offset/k at the others
+            other = offset * (-1 / k)
+            native.select_backward_into(stored_grad[1:], other + offset, other, *ctx.stream)
+        else:
+            torch.mul(offset.expand(k, -1), -1 / k, out=stored_grad[1:])
+            stored_grad[1:].scatter_add_(0, index, offset)
         return stored_grad.view_as(stored), None, None, None, None, None
 
 

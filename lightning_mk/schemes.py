@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_mk import native
+
 __all__ = ["Random", "Batch", "Scheme", "Select", "Convex", "Layer", "Majority", "SCHEMES", "register_scheme", "get_scheme"]
 
 _M = 0xFFFFFFFF  # 32-bit values in int64 tensors: with multipliers below 2**31 no product overflows
@@ -86,11 +88,16 @@ class Random:
         steps draw unrelated numbers."""
         return _mix(step & _M)
 
-    def _numbers(self, count: int, width: int, device: torch.device) -> Tensor:
-        """This call's ``count`` numbers of ``width`` bits (:func:`_numbers`), from the batch where it holds them."""
+    def stream(self) -> int:
+        """The next request's stream constant: its numbers are those of the stream ``state ^ constant``."""
         # (key, call) is hashed from an offset value, so a small step and a small key or call cannot swap roles
         constant = _mix_int((_mix_int(self.key ^ 0xA511E9B3) + self.calls * 0x9E3779B9) & _M)
         self.calls += 1
+        return constant
+
+    def _numbers(self, count: int, width: int, device: torch.device) -> Tensor:
+        """This call's ``count`` numbers of ``width`` bits (:func:`_numbers`), from the batch where it holds them."""
+        constant = self.stream()
         if self.batch is not None and not torch.compiler.is_compiling():
             return self.batch.numbers(constant, count, width, self.state, device)
         return _numbers(constant, count, width, self.state, device)
@@ -186,10 +193,22 @@ class Scheme:
 
 
 class Select(Scheme):
-    """Per element, one copy chosen uniformly at random (one-hot coefficients)."""
+    """Per element, one copy chosen uniformly at random (one-hot coefficients). In eager CPU training the draw,
+    the gather and the gradient are one pass each (:mod:`lightning_mk.native`), with the same draws."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
-        return copies.reshape(len(copies), -1).gather(0, self.index(copies, random)).view(copies.shape[1:])
+        flat = copies.reshape(len(copies), -1)
+        stream = self.stream(flat, random)
+        if stream is not None:
+            return native.select(flat, *stream).view(copies.shape[1:])
+        return flat.gather(0, self.index(copies, random)).view(copies.shape[1:])
+
+    def stream(self, copies: Tensor, random: Random) -> Optional[tuple[Tensor, int]]:
+        """Where the CPU kernel draws (copies on the CPU, the kernel built): its stream, ``(state, constant)``, whose
+        draw is :meth:`index`'s; otherwise None."""
+        if copies.device.type == "cpu" and native.available():
+            return random.state, random.stream()
+        return None
 
     def index(self, copies: Tensor, random: Random) -> Tensor:
         """The copy each element takes, ``[1, numel]`` (int64, the index type of ``gather``)."""

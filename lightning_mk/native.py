@@ -1,0 +1,90 @@
+"""The ``select`` scheme's CPU kernel: draw, gather and gradient in one pass each (``csrc/select.cpp``).
+
+With stock ops a step of ``select`` writes and reads an int64 index per element, gathers through it and, in the
+backward, zero-fills the ``[k, n]`` gradient before scattering into it: several passes over memory for what is
+data movement. The kernel decodes the draw block by block (bit for bit that of
+:meth:`~lightning_mk.schemes.Random.integers`, so every guarantee of the draw holds unchanged), picks the chosen
+copy in the forward and writes the gradient's one-hot rows in one pass in the backward.
+
+It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
+``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in eager CPU training only: compiled
+graphs keep the stock composition, which inductor fuses. Where it cannot be built, training uses the stock ops,
+with one warning; ``LIGHTNING_MK_NATIVE=0`` skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "select.cpp"
+_lock = threading.Lock()
+_loaded: Optional[bool] = None  # None: not tried yet
+
+
+def available() -> bool:
+    """Whether the kernel is loaded, building it on the first call outside ``torch.compile``'s tracing (False
+    where it cannot be built or is switched off with ``LIGHTNING_MK_NATIVE=0``)."""
+    global _loaded
+    if _loaded is None and not torch.compiler.is_compiling():
+        with _lock:
+            if _loaded is None:
+                _loaded = _load()
+    return bool(_loaded)
+
+
+def _load() -> bool:
+    if os.environ.get("LIGHTNING_MK_NATIVE", "1") == "0":
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed (pip install ninja)")
+        openmp = ["-fopenmp"] if sys.platform == "linux" else []  # the intra-op threads of torch's own OpenMP
+        log.debug("lightning_mk: loading the CPU select kernel (compiled on first use, once per torch version)")
+        # one build per torch version (the cache is keyed by the name and the sources, not by torch's ABI)
+        name = "lightning_mk_select_" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
+        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
+                           is_python_module=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: the stock ops do the same
+        log.debug("lightning_mk: building the select kernel failed", exc_info=True)
+        warnings.warn(f"lightning_mk: the CPU select kernel could not be built, training uses the stock ops "
+                      f"(slower, same draws): {str(error).splitlines()[0]} (the whole log at debug level of "
+                      f"logger {__name__!r}). LIGHTNING_MK_NATIVE=0 skips the attempt.", stacklevel=3)
+        return False
+    # shapes for torch.compile's tracing
+    torch.library.register_fake("lightning_mk::select")(lambda copies, state, constant: copies.new_empty(copies.shape[1:]))
+    torch.library.register_fake("lightning_mk::select_backward")(
+        lambda grad, state, constant, k: grad.new_empty(k, grad.numel()))
+    torch.library.register_fake("lightning_mk::select_index")(
+        lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
+    torch.library.register_fake("lightning_mk::select_backward_into")(lambda out, chosen, other, state, constant: None)
+    return True
+
+
+def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
+    """``copies[i_j, j]`` of the ``[k, n]`` CPU tensor ``copies``, ``i`` the draw ``Random.integers(k)`` of the stream
+    ``state ^ constant``; its gradient reaches the chosen copy only."""
+    return torch.ops.lightning_mk.select(copies, state, constant)
+
+
+def select_backward_into(out: Tensor, chosen: Tensor, other: Optional[Tensor], state: Tensor, constant: int) -> None:
+    """Write into the contiguous ``[k, n]`` tensor ``out`` the gradient of :func:`select`'s copies, generalised:
+    ``chosen[j]`` at the copy element ``j`` took, ``other[j]`` (None: 0) at the others. One pass, no autograd."""
+    torch.ops.lightning_mk.select_backward_into(out, chosen, other, state, constant)
+
+
+def index(state: Tensor, constant: int, high: int, count: int) -> Tensor:
+    """The kernel's draw itself: ``count`` integers in ``[0, high)`` (int64), as :func:`select` decodes them."""
+    return torch.ops.lightning_mk.select_index(state, constant, high, count)

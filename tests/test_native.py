@@ -1,0 +1,159 @@
+"""The CPU select kernel (lightning_mk.native): the stock ops' draws, values and gradients bit for bit, in every
+dtype and for any k; the draw of its forward in its backward; the stock ops where it is switched off or fails."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mk import apply_majority_kernels, native
+from lightning_mk.schemes import Random, Select
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the select kernel could not be built here")
+STATE = Random.state_of(torch.tensor(41))
+
+
+def stock_select(copies, constant):
+    """The stock ops' ``Select.combine`` of ``[k, n]`` copies, drawing from the stream ``constant``."""
+    draw = Random(0, STATE)
+    draw.stream = lambda: constant
+    return copies.gather(0, Select().index(copies, draw)).view(-1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 256, 300, 512, 1 << 16])
+@pytest.mark.parametrize("n", [1, 959, 961, 5003])
+def test_the_draw_is_random_integers_bit_for_bit(k, n):
+    """Powers of two split each hash into lanes (block edges at 960 elements), others scale one
+    hash per element: the uniformity and independence tests of ``Random.integers`` hold for the kernel."""
+    draw = Random(9, STATE)
+    expected = draw.integers(k, (n,), torch.device("cpu"))
+    assert torch.equal(native.index(STATE, Random(9, STATE).stream(), k, n), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_values_and_gradients_are_the_stock_ops(dtype, k):
+    copies = torch.randn(k, 3001, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3001, dtype=dtype)
+    expected = stock_select(copies, 12345)
+    got = native.select(copies, STATE, 12345)
+    assert torch.equal(got, expected)
+    (expected_grad,) = torch.autograd.grad(expected, copies, grad)
+    (got_grad,) = torch.autograd.grad(got, copies, grad)
+    assert torch.equal(got_grad, expected_grad)
+
+
+def test_the_backward_uses_the_forwards_draw_and_differentiates_twice():
+    """The model's state moves on each training forward; a backward after a second forward (or a re-run) still
+    routes each element's gradient to the copy its forward took. With create_graph, the gradient is itself
+    differentiable (against finite differences)."""
+    state = STATE.clone()
+    copies = torch.randn(4, 50, dtype=torch.float64, requires_grad=True)
+    kernel = native.select(copies, state, 7)
+    drawn = native.index(state, 7, 4, 50)
+    state.add_(1)  # the next step's draw
+    (grad,) = torch.autograd.grad(kernel.sum(), copies)
+    assert torch.equal(grad, nn.functional.one_hot(drawn, 4).T.double())
+    assert torch.autograd.gradcheck(lambda c: native.select(c, STATE, 7), (copies,))
+    assert torch.autograd.gradgradcheck(lambda c: native.select(c, STATE, 7) ** 2, (copies,))
+
+
+def test_a_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
+    """Three SGD steps of an MLP with copies: identical losses and copies with the kernel and with the stock ops."""
+    runs = []
+    for use in (True, False):
+        monkeypatch.setattr(native, "_loaded", use)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 300), nn.ReLU(), nn.Linear(300, 5))
+        apply_majority_kernels(net, k=4, init="independent", seed=2)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        losses = []
+        for step in range(3):
+            x, y = torch.randn(16, 20, generator=torch.Generator().manual_seed(step)), torch.arange(16) % 5
+            loss = nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in net.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_switched_off_it_is_never_built():
+    code = "import sys; from lightning_mk import native; print(native.available(), 'torch.utils.cpp_extension' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LIGHTNING_MK_NATIVE": "0"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_failed_build_warns_once_and_training_uses_the_stock_ops(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'lightning_mk_select'\nmore lines of the compiler's log")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.warns(UserWarning, match="could not be built, training uses the stock ops.*Error building extension"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()  # decided once
+        net = nn.Linear(8, 8)
+        apply_majority_kernels(net, k=4)
+        net.train()(torch.randn(2, 8)).sum().backward()
+
+
+
+def test_compiled_graphs_call_the_kernel_and_train_as_the_stock_graphs(monkeypatch):
+    """Loaded before tracing (applying the copies loads it), the kernel is one op of a fullgraph training graph; the
+    stock graph (the kernel switched off) gives the same losses."""
+    import torch._dynamo
+
+    runs = []
+    for use in (True, False):
+        monkeypatch.setattr(native, "_loaded", use)
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(graph, inputs):
+            graphs.append(graph.code)
+            return graph.forward
+
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
+        handle = apply_majority_kernels(net, k=4, seed=2, step_on_forward=False)
+        forward = torch.compile(net, fullgraph=True, backend=backend)
+        losses = []
+        for step in range(3):
+            handle.step = step + 1
+            loss = nn.functional.cross_entropy(forward(torch.randn(8, 20, generator=torch.Generator().manual_seed(step))),
+                                               torch.arange(8) % 5)
+            loss.backward()
+            losses.append(loss.item())
+        assert len(graphs) == 1 and ("lightning_mk.select" in graphs[0]) == use
+        runs.append(losses)
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("decay", [None, 0.01])
+def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(decay):
+    """Decoupled/relative train ``select`` through one autograd node (``_Selected``): given the kernel's stream
+    rather than an index, the same kernel and the same gradient of the stored tensor, bit for bit."""
+    from lightning_mk.forms import _Selected
+
+    stored = torch.randn(5, 30, 7, requires_grad=True)
+    center, c = stored[1:].detach().mean(0), torch.tensor(0.3)
+    decay = None if decay is None else torch.tensor(decay)
+    grad = torch.randn(30, 7)
+    index = native.index(STATE, 99, 4, 210).view(1, -1)
+    results = []
+    for drawn in (index, (STATE.clone(), 99)):
+        kernel = _Selected.apply(stored, drawn, center, c, decay, 2.0)
+        results.append((kernel, *torch.autograd.grad(kernel, stored, grad)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -6,8 +6,8 @@
 each with several possible implementations: the index (from the 32-bit hashes, 16 two-bit lanes each at k = 4),
 the forward (the chosen copy of each element) and the backward (the ``[k, n]`` gradient: the output's gradient at
 the chosen copy, zero elsewhere). The last step, ``all``, is the three together: the library's CPU kernel
-(:mod:`lightning_mk.native`, what eager CPU training uses) against the fastest stock composition (what the library
-uses elsewhere, the first of each step). For each step and kernel size (elements) this prints the median time of
+(:mod:`lightning_mk.native`, what CPU training uses, eager and compiled) against the fastest stock composition (the
+first of each step: what the library uses on a GPU or where the kernel cannot be built). For each step and kernel size (elements) this prints the median time of
 each implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the
 same tensor before they are timed.
 """
@@ -48,7 +48,7 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
     grad = torch.randn(1, n, device=device)
     offsets = torch.arange(n, device=device)
     rows = torch.arange(k, device=device).view(k, 1)
-    index_ways = {"int64 shift and mask (lightning_mk)": lambda: _split(words, width)[:n]}
+    index_ways = {"int64 shift and mask (lightning_mk, stock ops)": lambda: _split(words, width)[:n]}
     if 8 % width == 0:  # lanes that do not straddle a byte
         index_ways["uint8 bytes, widened last"] = lambda: _bytes(words, width)[:n]
 
@@ -64,12 +64,12 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
     return {
         "index": index_ways,
         "forward": {
-            "gather(0, index) (lightning_mk)": lambda: copies.gather(0, index).view(-1),
+            "gather(0, index) (lightning_mk, stock ops)": lambda: copies.gather(0, index).view(-1),
             "take(index * n + arange)": lambda: copies.view(-1).take(index.view(-1) * n + offsets),
             "[n, k] view, gather(1, ...)": lambda: copies.t().gather(1, index.view(n, 1)).view(-1),
         },
         "backward": {
-            "zeros, scatter_add_ (lightning_mk)": lambda: copies.new_zeros(k, n).scatter_add_(0, index, grad),
+            "zeros, scatter_add_ (lightning_mk, stock ops)": lambda: copies.new_zeros(k, n).scatter_add_(0, index, grad),
             "zeros, scatter_": lambda: copies.new_zeros(k, n).scatter_(0, index, grad),
             "where(rows == index, grad, 0)": lambda: torch.where(rows == index, grad, 0.0),
         },

@@ -123,7 +123,7 @@ class Decoupled(Form):
             scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
         c = level if scale is None else level * scale
         stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or an index
-        drawn = scheme.index(deviations, random) if stream is None else (stream[0].clone(), stream[1])
+        drawn = scheme.index(deviations, random) if stream is None else stream
         return _Selected.apply(stored, drawn, center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:

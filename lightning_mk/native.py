@@ -70,6 +70,7 @@ def _load() -> bool:
     torch.library.register_fake("lightning_mk::select_index")(
         lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
     torch.library.register_fake("lightning_mk::select_backward_into")(lambda out, chosen, other, state, constant: None)
+    torch.library.register_fake("lightning_mk::stream_state")(lambda state: torch.empty_like(state))
     return True
 
 
@@ -83,6 +84,12 @@ def select_backward_into(out: Tensor, chosen: Tensor, other: Optional[Tensor], s
     """Write into the contiguous ``[k, n]`` tensor ``out`` the gradient of :func:`select`'s copies, generalised:
     ``chosen[j]`` at the copy element ``j`` took, ``other[j]`` (None: 0) at the others. One pass, no autograd."""
     torch.ops.lightning_mk.select_backward_into(out, chosen, other, state, constant)
+
+
+def stream_state(state: Tensor) -> Tensor:
+    """A copy of the model's draw state for one draw, saved (never recomputed) by a compiled graph: another training
+    forward may move the model's state on, in place, before this draw's backward."""
+    return torch.ops.lightning_mk.stream_state(state)
 
 
 def index(state: Tensor, constant: int, high: int, count: int) -> Tensor:

@@ -205,9 +205,10 @@ class Select(Scheme):
 
     def stream(self, copies: Tensor, random: Random) -> Optional[tuple[Tensor, int]]:
         """Where the CPU kernel draws (copies on the CPU, the kernel built): its stream, ``(state, constant)``, whose
-        draw is :meth:`index`'s; otherwise None."""
+        draw is :meth:`index`'s; otherwise None. The state is a copy (:func:`~lightning_mk.native.stream_state`):
+        another training forward may move the model's on before this one's backward."""
         if copies.device.type == "cpu" and native.available():
-            return random.state, random.stream()
+            return native.stream_state(random.state), random.stream()
         return None
 
     def index(self, copies: Tensor, random: Random) -> Tensor:

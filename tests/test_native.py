@@ -162,3 +162,34 @@ def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(de
         kernel = _Selected.apply(stored, drawn, center, c, decay, 2.0)
         results.append((kernel, *torch.autograd.grad(kernel, stored, grad)))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_training_forwards_before_one_backward_route_each_gradient_to_its_own_draw(compiled):
+    """The raw API draws anew at every training forward (the model's state moves on in place): a loss over two
+    forwards backpropagates each through its own draw, eager and compiled, as the stock ops do."""
+    import torch._dynamo
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.a(x)
+
+    grads = []
+    for use in (True, False):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = Net()
+        apply_majority_kernels(net, k=4)
+        native._loaded, loaded = use, native._loaded
+        try:
+            forward = torch.compile(net, fullgraph=True, backend="aot_eager") if compiled else net
+            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+            (forward(x).sum() + forward(x).pow(2).sum()).backward()
+        finally:
+            native._loaded = loaded
+        grads.append(net.a.parametrizations.weight.original.grad)
+    torch.testing.assert_close(grads[0], grads[1])

@@ -245,12 +245,17 @@ at::Tensor select_autograd(const at::Tensor& copies, const at::Tensor& state, in
   return Select::apply(copies, state, constant);
 }
 
+// A copy of the step's state, as an op of its own: compiled, the copy is saved for the backward (a clone would be
+// recomputed there from the model's state, which a later training forward moves on in place).
+at::Tensor stream_state(const at::Tensor& state) { return state.clone(); }
+
 }  // namespace
 
 TORCH_LIBRARY(lightning_mk, m) {
   m.def("select(Tensor copies, Tensor state, int constant) -> Tensor");
   m.def("select_backward(Tensor grad, Tensor state, int constant, int k) -> Tensor");
   m.def("select_index(Tensor state, int constant, int high, int n) -> Tensor");
+  m.def("stream_state(Tensor state) -> Tensor");
   m.def("select_backward_into(Tensor(a!) out, Tensor chosen, Tensor? other, Tensor state, int constant) -> ()");
 }
 
@@ -259,6 +264,7 @@ TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
   m.impl("select_backward", &select_backward);
   m.impl("select_index", &select_index);
   m.impl("select_backward_into", &select_backward_into);
+  m.impl("stream_state", &stream_state);
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, Autograd, m) {

@@ -7,9 +7,9 @@ each with several possible implementations: the index (from the 32-bit hashes, 1
 the forward (the chosen copy of each element) and the backward (the ``[k, n]`` gradient: the output's gradient at
 the chosen copy, zero elsewhere). The last step, ``all``, is the three together: the library's CPU kernel
 (:mod:`lightning_mk.native`, what CPU training uses, eager and compiled) against the fastest stock composition (the
-first of each step: what the library uses on a GPU or where the kernel cannot be built). For each step and kernel size (elements) this prints the median time of
-each implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the
-same tensor before they are timed.
+first of each step: what the library uses on a GPU or where the kernel cannot be built). For each step and kernel
+size (elements) this prints the median time of each implementation over ``--rounds`` interleaved rounds. All
+implementations of a step are checked to give the same tensor before they are timed.
 """
 
 from __future__ import annotations

@@ -113,10 +113,10 @@ class Decoupled(Form):
 
     def select(self, stored: Tensor, scheme: Select, random: Random, level: Tensor, decay: Optional[Tensor],
                grad_scale: float) -> Tensor:
-        """:meth:`sample` of the ``select`` scheme's combination (``scheme.stream`` or ``scheme.index``: the copy each element takes) at
-        noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd node, whose
-        backward writes the stored tensor's gradient in one pass (the general composition writes and sums several
-        of its size); the deviations' gradients times ``grad_scale``."""
+        """:meth:`sample` of the ``select`` scheme's combination (``scheme.stream`` or ``scheme.index``: the copy each
+        element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd
+        node, whose backward writes the stored tensor's gradient in one pass (the general composition writes and sums
+        several of its size); the deviations' gradients times ``grad_scale``."""
         with torch.no_grad():  # the stored tensor is split here only, with no autograd node
             mu, deviations = self.split(stored)
             center = _mean(deviations)

@@ -7,9 +7,9 @@ data movement. The kernel decodes the draw block by block (bit for bit that of
 copy in the forward and writes the gradient's one-hot rows in one pass in the backward.
 
 It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
-``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in eager CPU training only: compiled
-graphs keep the stock composition, which inductor fuses. Where it cannot be built, training uses the stock ops,
-with one warning; ``LIGHTNING_MK_NATIVE=0`` skips it.
+``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in CPU training, eager and compiled (one op
+of the graph). Where it cannot be built, training uses the stock ops, with one warning; ``LIGHTNING_MK_NATIVE=0``
+skips it.
 """
 
 from __future__ import annotations

@@ -193,8 +193,8 @@ class Scheme:
 
 
 class Select(Scheme):
-    """Per element, one copy chosen uniformly at random (one-hot coefficients). In eager CPU training the draw,
-    the gather and the gradient are one pass each (:mod:`lightning_mk.native`), with the same draws."""
+    """Per element, one copy chosen uniformly at random (one-hot coefficients). In CPU training, eager and compiled,
+    the draw, the gather and the gradient are one pass each (:mod:`lightning_mk.native`), with the same draws."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
         flat = copies.reshape(len(copies), -1)

@@ -114,7 +114,6 @@ def test_a_failed_build_warns_once_and_training_uses_the_stock_ops(monkeypatch):
         net.train()(torch.randn(2, 8)).sum().backward()
 
 
-
 def test_compiled_graphs_call_the_kernel_and_train_as_the_stock_graphs(monkeypatch):
     """Loaded before tracing (applying the copies loads it), the kernel is one op of a fullgraph training graph; the
     stock graph (the kernel switched off) gives the same losses."""
@@ -165,7 +164,7 @@ def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(de
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_two_training_forwards_before_one_backward_route_each_gradient_to_its_own_draw(compiled):
+def test_two_training_forwards_before_one_backward_route_each_gradient_to_its_own_draw(compiled, monkeypatch):
     """The raw API draws anew at every training forward (the model's state moves on in place): a loss over two
     forwards backpropagates each through its own draw, eager and compiled, as the stock ops do."""
     import torch._dynamo
@@ -184,12 +183,9 @@ def test_two_training_forwards_before_one_backward_route_each_gradient_to_its_ow
         torch.manual_seed(0)
         net = Net()
         apply_majority_kernels(net, k=4)
-        native._loaded, loaded = use, native._loaded
-        try:
-            forward = torch.compile(net, fullgraph=True, backend="aot_eager") if compiled else net
-            x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
-            (forward(x).sum() + forward(x).pow(2).sum()).backward()
-        finally:
-            native._loaded = loaded
+        monkeypatch.setattr(native, "_loaded", use)
+        forward = torch.compile(net, fullgraph=True, backend="aot_eager") if compiled else net
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+        (forward(x).sum() + forward(x).pow(2).sum()).backward()
         grads.append(net.a.parametrizations.weight.original.grad)
     torch.testing.assert_close(grads[0], grads[1])

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from lightning_mk import native, parametrization
 from lightning_mk.collapsing import collapse, collapsed_state_dict
-from lightning_mk.forms import get_form
+from lightning_mk.forms import Relative, get_form
 from lightning_mk.layers import check_resettable, choose_layers, coverage_of, eligible_layers, resolve_layer_types
 from lightning_mk.parametrization import Draws, MajorityKernel, compile_boundaries, has_majority_kernels, seed_of
 from lightning_mk.schemes import Select, get_scheme
@@ -164,7 +164,9 @@ def apply_majority_kernels(
     coverage = coverage_of(module, params)
 
     device = next((p.device for p in params.values()), None)
-    if device is not None and device.type == "cpu" and isinstance(get_scheme(settings.scheme), Select):
+    if device is not None and device.type == "cpu" and (
+        isinstance(get_scheme(settings.scheme), Select) or isinstance(get_form(settings.form), Relative)
+    ):
         native.available()  # built now rather than at the first step, so that torch.compile's graphs use it too
     draws = Draws(settings, rank, device)
     draws.noise = settings.noise

@@ -171,8 +171,10 @@ class _Selected(torch.autograd.Function):
     @staticmethod
     def forward(stored: Tensor, drawn, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
         flat = stored.reshape(len(stored), -1)
-        picked = flat[1:].gather(0, drawn) if isinstance(drawn, Tensor) else native.select(flat[1:], *drawn)
-        kernel = picked.view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
+        if isinstance(drawn, Tensor):
+            kernel = flat[1:].gather(0, drawn).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
+        else:  # the same operations in one pass
+            kernel = native.select_around(flat[1:], *drawn, center.view(-1), c, flat[0])
         return kernel.view(stored.shape[1:])
 
     @staticmethod
@@ -186,11 +188,11 @@ class _Selected(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         stored, c, decay, index = ctx.saved_tensors
         k, g = len(stored) - 1, grad.reshape(1, -1)
-        mu = stored[0].reshape(1, -1)
-        offset = g * (c * ctx.grad_scale)  # the gradient of the chosen deviation
+        mu, scale = stored[0].reshape(1, -1), c * ctx.grad_scale
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiable ops only
             if index is None:
                 index = native.index(*ctx.stream, k, g.numel()).view(1, -1)
+            offset = g * scale  # the gradient of the chosen deviation
             mu_grad = g if decay is None else g + decay.to(g.dtype) * mu
             deviations_grad = offset.new_zeros(k, offset.shape[1]).scatter_add(0, index, offset) - offset / k
             return torch.cat([mu_grad, deviations_grad]).view_as(stored), None, None, None, None, None
@@ -199,10 +201,10 @@ class _Selected(torch.autograd.Function):
             stored_grad[0] = g[0]
         else:
             torch.addcmul(g, decay.to(g.dtype), mu, out=stored_grad[:1])
-        if index is None:  # one pass: offset - offset/k at the drawn copy, -offset/k at the others
-            other = offset * (-1 / k)
-            native.select_backward_into(stored_grad[1:], other + offset, other, *ctx.stream)
-        else:
+        if index is None:  # the same operations in one pass
+            native.select_around_backward(stored_grad[1:], g, scale, *ctx.stream)
+        else:  # offset - offset/k at the drawn copy, -offset/k at the others
+            offset = g * scale
             torch.mul(offset.expand(k, -1), -1 / k, out=stored_grad[1:])
             stored_grad[1:].scatter_add_(0, index, offset)
         return stored_grad.view_as(stored), None, None, None, None, None
@@ -319,7 +321,12 @@ def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
         size = _rms(mu)
-        return size / _rms(deviations - center).clamp_min(1e-6 * size).clamp_min(1e-30)
+        if deviations.device.type == "cpu" and not torch.compiler.is_compiling() and native.available():
+            spread = native.centered_norm(deviations.reshape(len(deviations), -1), center.reshape(-1))
+            spread = spread / math.sqrt(deviations.numel())  # no [k, *S] difference (compiled, inductor fuses it)
+        else:
+            spread = _rms(deviations - center)
+        return size / spread.clamp_min(1e-6 * size).clamp_min(1e-30)
 
 
 def _rms(x: Tensor) -> Tensor:

@@ -4,7 +4,10 @@ With stock ops a step of ``select`` writes and reads an int64 index per element,
 backward, zero-fills the ``[k, n]`` gradient before scattering into it: several passes over memory for what is
 data movement. The kernel decodes the draw block by block (bit for bit that of
 :meth:`~lightning_mk.schemes.Random.integers`, so every guarantee of the draw holds unchanged), picks the chosen
-copy in the forward and writes the gradient's one-hot rows in one pass in the backward.
+copy in the forward and writes the gradient's one-hot rows in one pass in the backward. For the decoupled forms
+(the callback's default) it also centres, scales and adds ``mu`` in the forward's pass and writes the deviations'
+gradient in the backward's (the stock ops' values bit for bit), and the relative form's noise scale reads the
+deviations' spread in one pass (:func:`centered_norm`).
 
 It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
 ``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in CPU training, eager and compiled (one op
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "select.cpp"
 _lock = threading.Lock()
 _loaded: Optional[bool] = None  # None: not tried yet
+# the kernels round every operation as the stock ops do (no fused multiply-add), and view elements as both
+# floats and unsigned integers of their size
+_EXACT = ["-ffp-contract=off", "-fno-strict-aliasing"]
 
 
 def available() -> bool:
@@ -55,7 +61,7 @@ def _load() -> bool:
         log.debug("lightning_mk: loading the CPU select kernel (compiled on first use, once per torch version)")
         # one build per torch version (the cache is keyed by the name and the sources, not by torch's ABI)
         name = "lightning_mk_select_" + "".join(c if c.isalnum() else "_" for c in torch.__version__)
-        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", *openmp], extra_ldflags=openmp,
+        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=["-O3", *_EXACT, *openmp], extra_ldflags=openmp,
                            is_python_module=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the stock ops do the same
         log.debug("lightning_mk: building the select kernel failed", exc_info=True)
@@ -69,8 +75,11 @@ def _load() -> bool:
         lambda grad, state, constant, k: grad.new_empty(k, grad.numel()))
     torch.library.register_fake("lightning_mk::select_index")(
         lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
-    torch.library.register_fake("lightning_mk::select_backward_into")(lambda out, chosen, other, state, constant: None)
     torch.library.register_fake("lightning_mk::stream_state")(lambda state: torch.empty_like(state))
+    torch.library.register_fake("lightning_mk::select_around")(
+        lambda copies, state, constant, center, c, mu: copies.new_empty(copies.shape[1:]))
+    torch.library.register_fake("lightning_mk::select_around_backward")(lambda out, grad, scale, state, constant: None)
+    torch.library.register_fake("lightning_mk::centered_norm")(lambda rows, center: rows.new_empty(()))
     return True
 
 
@@ -80,10 +89,23 @@ def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
     return torch.ops.lightning_mk.select(copies, state, constant)
 
 
-def select_backward_into(out: Tensor, chosen: Tensor, other: Optional[Tensor], state: Tensor, constant: int) -> None:
-    """Write into the contiguous ``[k, n]`` tensor ``out`` the gradient of :func:`select`'s copies, generalised:
-    ``chosen[j]`` at the copy element ``j`` took, ``other[j]`` (None: 0) at the others. One pass, no autograd."""
-    torch.ops.lightning_mk.select_backward_into(out, chosen, other, state, constant)
+def select_around(copies: Tensor, state: Tensor, constant: int, center: Tensor, c: Tensor, mu: Tensor) -> Tensor:
+    """``(select(copies) - center) * c + mu`` in one pass, no autograd (``center`` and ``mu``: ``n`` values, ``c``: one),
+    each operation rounded as the stock ops' (the same values): the decoupled forms' training kernel."""
+    return torch.ops.lightning_mk.select_around(copies, state, constant, center, c, mu)
+
+
+def select_around_backward(out: Tensor, grad: Tensor, scale: Tensor, state: Tensor, constant: int) -> None:
+    """Write into the contiguous ``[k, n]`` tensor ``out`` the gradient of :func:`select_around`'s copies, the centre's
+    share included, times ``scale`` (one value): ``o - o/k`` at the copy element ``j`` took and ``-o/k`` at the others,
+    ``o = grad * scale``. One pass, no autograd."""
+    torch.ops.lightning_mk.select_around_backward(out, grad, scale, state, constant)
+
+
+def centered_norm(rows: Tensor, center: Tensor) -> Tensor:
+    """``torch.linalg.vector_norm(rows - center)`` of the ``[k, n]`` CPU tensor ``rows`` without the ``[k, n]``
+    difference (summed in double: equal to the stock ops' up to rounding, and the same for any number of threads)."""
+    return torch.ops.lightning_mk.centered_norm(rows, center)
 
 
 def stream_state(state: Tensor) -> Tensor:

@@ -145,22 +145,58 @@ def test_compiled_graphs_call_the_kernel_and_train_as_the_stock_graphs(monkeypat
     assert runs[0] == pytest.approx(runs[1], abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 3, 4])
 @pytest.mark.parametrize("decay", [None, 0.01])
-def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(decay):
+def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(decay, k, dtype):
     """Decoupled/relative train ``select`` through one autograd node (``_Selected``): given the kernel's stream
-    rather than an index, the same kernel and the same gradient of the stored tensor, bit for bit."""
-    from lightning_mk.forms import _Selected
+    rather than an index, its fused forward (draw, centre, scale, mu) and backward (the deviations' rows in one
+    pass) give the kernel and the gradient of the stored tensor the stock ops give, bit for bit in every dtype."""
+    from lightning_mk.forms import _mean, _Selected
 
-    stored = torch.randn(5, 30, 7, requires_grad=True)
-    center, c = stored[1:].detach().mean(0), torch.tensor(0.3)
+    stored = torch.randn(k + 1, 30, 67, dtype=dtype, requires_grad=True)
+    center, c = _mean(stored[1:].detach()), torch.tensor(0.3, dtype=dtype)
     decay = None if decay is None else torch.tensor(decay)
-    grad = torch.randn(30, 7)
-    index = native.index(STATE, 99, 4, 210).view(1, -1)
+    grad = torch.randn(30, 67, dtype=dtype)
+    index = native.index(STATE, 99, k, 30 * 67).view(1, -1)
     results = []
     for drawn in (index, (STATE.clone(), 99)):
         kernel = _Selected.apply(stored, drawn, center, c, decay, 2.0)
         results.append((kernel, *torch.autograd.grad(kernel, stored, grad)))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_relative_forms_spread_is_the_norm_of_the_difference_for_any_thread_count(dtype):
+    """The relative form's noise scale reads RMS(deviations - centre) from one kernel pass (no ``[k, *S]``
+    difference): the norm of the difference as the stock ops compute it, to rounding, and the same with one
+    thread or two."""
+    from lightning_mk.forms import _mean
+
+    rows = torch.randn(4, 50_000, dtype=dtype) * 3 + 1
+    center = _mean(rows)
+    exact = torch.linalg.vector_norm((rows - center).double())
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            got.append(native.centered_norm(rows, center))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], got[1]) and got[0].dtype == dtype
+    torch.testing.assert_close(got[0].double(), exact.to(dtype).double(), rtol=1e-6, atol=0)
+
+
+def test_the_relative_forms_noise_scale_is_the_stock_ops_to_rounding(monkeypatch):
+    from lightning_mk.forms import _mean, _normaliser
+
+    mu, deviations = torch.randn(64, 33), torch.randn(4, 64, 33) * 0.1
+    scales = []
+    for use in (True, False):
+        monkeypatch.setattr(native, "_loaded", use)
+        scales.append(_normaliser(mu, deviations, _mean(deviations)))
+    torch.testing.assert_close(scales[0], scales[1], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

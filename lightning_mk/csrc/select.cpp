@@ -1,15 +1,21 @@
 // The select scheme on the CPU in one pass each way: element j of the kernel is copies[i_j, j], with i_j the
 // draw of lightning_mk.schemes.Random.integers(k) (the same hash, bit for bit), decoded block by block and
 // never stored; the gradient is written as k one-hot rows in one pass (no zero-fill, no index, no scatter).
-// The kernels move bits: elements are handled as unsigned integers of their size, blended by masks.
+// The kernels move bits: elements are handled as unsigned integers of their size, blended by masks. The decoupled
+// forms' variants (select_around, its backward) add their arithmetic in the same pass, each operation rounded as the
+// stock ops' (built with -ffp-contract=off), and centered_norm gives the relative form's spread in one pass.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -105,41 +111,41 @@ void blocks(const Draw& d, int64_t n, const F& f) {
 template <typename U>
 U all_or_none(bool on) { return U(0) - U(on); }
 
+// out[0 : m] = the drawn copies' elements j0 .. j0 + m of the [k, n] src
 template <typename U>
-void gather(const U* src, U* dst, const Draw& d, int64_t k, int64_t n) {
-  blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* __restrict__ idx) {
-    U* __restrict__ out = dst + j0;
-    std::memcpy(out, src + j0, m * sizeof(U));
-    for (int64_t r = 1; r < k; ++r) {
-      const U* __restrict__ row = src + r * n + j0;
-      for (int64_t t = 0; t < m; ++t) {
-        const U on = all_or_none<U>(idx[t] == static_cast<uint32_t>(r));
-        out[t] = (out[t] & ~on) | (row[t] & on);
-      }
+void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
+           int64_t m) {
+  std::memcpy(out, src + j0, m * sizeof(U));
+  for (int64_t r = 1; r < k; ++r) {
+    const U* __restrict__ row = src + r * n + j0;
+    for (int64_t t = 0; t < m; ++t) {
+      const U on = all_or_none<U>(idx[t] == static_cast<uint32_t>(r));
+      out[t] = (out[t] & ~on) | (row[t] & on);
     }
-  });
+  }
 }
 
-// out[r, j] = chosen[j] where r is element j's copy, else other[j] (0 without other)
+// dst[r, j0 + t] = picked[t] where r is the element's copy, else rest[t] (0 without rest), for t < m
 template <typename U>
-void one_hot(const U* chosen, const U* other, U* dst, const Draw& d, int64_t k, int64_t n) {
-  blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* __restrict__ idx) {
-    const U* __restrict__ picked = chosen + j0;
-    const U* __restrict__ rest = other ? other + j0 : nullptr;
-    for (int64_t r = 0; r < k; ++r) {
-      U* __restrict__ out = dst + r * n + j0;
-      const uint32_t row = static_cast<uint32_t>(r);
-      if (rest) {
-        for (int64_t t = 0; t < m; ++t) {
-          const U on = all_or_none<U>(idx[t] == row);
-          out[t] = (picked[t] & on) | (rest[t] & ~on);
-        }
-      } else {
-        for (int64_t t = 0; t < m; ++t) out[t] = picked[t] & all_or_none<U>(idx[t] == row);
+void one_hot(const U* __restrict__ picked, const U* __restrict__ rest, U* dst, const uint32_t* __restrict__ idx,
+             int64_t k, int64_t n, int64_t j0, int64_t m) {
+  for (int64_t r = 0; r < k; ++r) {
+    U* __restrict__ out = dst + r * n + j0;
+    const uint32_t row = static_cast<uint32_t>(r);
+    if (rest) {
+      for (int64_t t = 0; t < m; ++t) {
+        const U on = all_or_none<U>(idx[t] == row);
+        out[t] = (picked[t] & on) | (rest[t] & ~on);
       }
+    } else {
+      for (int64_t t = 0; t < m; ++t) out[t] = picked[t] & all_or_none<U>(idx[t] == row);
     }
-  });
+  }
 }
+
+// The unsigned integer type of a float type's size: the kernels move elements as bits
+template <typename T>
+using bits_of = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
 template <typename Run>
 void by_size(const at::Tensor& t, const Run& run) {
@@ -159,34 +165,154 @@ at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int
   auto out = at::empty({n}, c.options());
   by_size(c, [&](auto u) {
     using U = decltype(u);
-    gather<U>(static_cast<const U*>(c.const_data_ptr()), static_cast<U*>(out.mutable_data_ptr()), d, k, n);
+    const U* src = static_cast<const U*>(c.const_data_ptr());
+    U* dst = static_cast<U*>(out.mutable_data_ptr());
+    blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) { blend<U>(src, dst + j0, idx, k, n, j0, m); });
   });
   return out;
-}
-
-void select_backward_into(at::Tensor& out, const at::Tensor& chosen, const std::optional<at::Tensor>& other,
-                          const at::Tensor& state, int64_t constant) {
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "select: out must be a contiguous [k, n], got ", out.sizes());
-  const int64_t k = out.size(0), n = out.size(1);
-  const auto a = chosen.contiguous();
-  TORCH_CHECK(a.numel() == n && a.scalar_type() == out.scalar_type(), "select: chosen must be n values of out's dtype");
-  at::Tensor b;
-  if (other) {
-    b = other->contiguous();
-    TORCH_CHECK(b.numel() == n && b.scalar_type() == out.scalar_type(), "select: other must be n values of out's dtype");
-  }
-  const Draw d(state, constant, k);
-  by_size(out, [&](auto u) {
-    using U = decltype(u);
-    one_hot<U>(static_cast<const U*>(a.const_data_ptr()), b.defined() ? static_cast<const U*>(b.const_data_ptr()) : nullptr,
-               static_cast<U*>(out.mutable_data_ptr()), d, k, n);
-  });
 }
 
 at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int64_t constant, int64_t k) {
-  auto out = at::empty({k, grad.numel()}, grad.options());
-  select_backward_into(out, grad, std::nullopt, state, constant);
+  const auto g = grad.contiguous();
+  const int64_t n = g.numel();
+  auto out = at::empty({k, n}, g.options());
+  const Draw d(state, constant, k);
+  by_size(g, [&](auto u) {
+    using U = decltype(u);
+    const U* src = static_cast<const U*>(g.const_data_ptr());
+    U* dst = static_cast<U*>(out.mutable_data_ptr());
+    blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) { one_hot<U>(src + j0, nullptr, dst, idx, k, n, j0, m); });
+  });
   return out;
+}
+
+// out = (out - center) * factor + mu, each operation rounded to T (the loops are functions of restrict pointers,
+// which the compiler vectorises)
+template <typename T>
+void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
+            int64_t m) {
+  using acc = at::opmath_type<T>;
+  for (int64_t t = 0; t < m; ++t) {
+    const T offset = static_cast<T>(static_cast<acc>(out[t]) - static_cast<acc>(center[t]));
+    const T scaled = static_cast<T>(static_cast<acc>(offset) * factor);
+    out[t] = static_cast<T>(static_cast<acc>(scaled) + static_cast<acc>(mu[t]));
+  }
+}
+
+// o = grad * s, p = o * share: picked = p + o, rest = p, each operation rounded to T
+template <typename T>
+void shares(const T* __restrict__ grad, T* __restrict__ picked, T* __restrict__ rest, at::opmath_type<T> s,
+            at::opmath_type<T> share, int64_t m) {
+  using acc = at::opmath_type<T>;
+  for (int64_t t = 0; t < m; ++t) {
+    const T o = static_cast<T>(static_cast<acc>(grad[t]) * s);
+    const T p = static_cast<T>(static_cast<acc>(o) * share);
+    rest[t] = p;
+    picked[t] = static_cast<T>(static_cast<acc>(p) + static_cast<acc>(o));
+  }
+}
+
+void check_row(const at::Tensor& row, int64_t n, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(row.numel() == n && row.scalar_type() == like.scalar_type(), "select: ", name, " must be ", n,
+              " values of dtype ", like.scalar_type(), ", got ", row.sizes(), " of ", row.scalar_type());
+}
+
+// The decoupled forms' training kernel: (copies[i_j, j] - center_j) * c + mu_j, each operation rounded to the
+// dtype as the stock ops' (sub_, mul_, add_): the same values, in one pass rather than four.
+at::Tensor select_around(const at::Tensor& copies, const at::Tensor& state, int64_t constant, const at::Tensor& center,
+                         const at::Tensor& c, const at::Tensor& mu) {
+  TORCH_CHECK(copies.dim() == 2, "select: copies must be [k, n], got ", copies.sizes());
+  const auto src = copies.contiguous(), middle = center.contiguous(), base = mu.contiguous();
+  const int64_t k = src.size(0), n = src.size(1);
+  check_row(middle, n, src, "center");
+  check_row(base, n, src, "mu");
+  TORCH_CHECK(c.numel() == 1, "select: c must be one value, got ", c.sizes());
+  const Draw d(state, constant, k);
+  auto out = at::empty({n}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "select_around", [&] {
+    using T = scalar_t;
+    using acc = at::opmath_type<T>;
+    using U = bits_of<T>;
+    const acc factor = c.item<acc>();
+    const T* ctr = middle.const_data_ptr<T>();
+    const T* m0 = base.const_data_ptr<T>();
+    T* dst = out.mutable_data_ptr<T>();
+    blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) {
+      T* __restrict__ o = dst + j0;
+      blend<U>(static_cast<const U*>(src.const_data_ptr()), reinterpret_cast<U*>(o), idx, k, n, j0, m);
+      around<T>(o, ctr + j0, m0 + j0, factor, m);
+    });
+  });
+  return out;
+}
+
+// select_around's gradient of the copies into the contiguous [k, n] out: with o = grad * scale and p = o * (-1/k),
+// o + p at element j's copy and p at the others, each operation rounded as the stock ops' (one pass, no autograd).
+void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& state,
+                            int64_t constant) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "select: out must be a contiguous [k, n], got ", out.sizes());
+  const int64_t k = out.size(0), n = out.size(1);
+  const auto g = grad.contiguous();
+  check_row(g, n, out, "grad");
+  TORCH_CHECK(scale.numel() == 1, "select: scale must be one value, got ", scale.sizes());
+  const Draw d(state, constant, k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "select_around_backward", [&] {
+    using T = scalar_t;
+    using acc = at::opmath_type<T>;
+    using U = bits_of<T>;
+    const acc s = scale.item<acc>(), share = static_cast<acc>(-1.0 / static_cast<double>(k));
+    const T* src = g.const_data_ptr<T>();
+    U* dst = static_cast<U*>(out.mutable_data_ptr());
+    blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) {
+      T picked[BLOCK], rest[BLOCK];
+      shares<T>(src + j0, picked, rest, s, share, m);
+      one_hot<U>(reinterpret_cast<const U*>(picked), reinterpret_cast<const U*>(rest), dst, idx, k, n, j0, m);
+    });
+  });
+}
+
+// ||rows - center|| of [k, n] rows (the relative form's spread) without their [k, n] difference: each difference
+// rounded to the dtype as the stock ops', squares summed in 16 lanes per block (float, double for double), the
+// blocks in double and in order, so that the result does not depend on the number of threads.
+at::Tensor centered_norm(const at::Tensor& rows, const at::Tensor& center) {
+  TORCH_CHECK(rows.dim() == 2, "centered_norm: rows must be [k, n], got ", rows.sizes());
+  const auto src = rows.contiguous(), middle = center.contiguous();
+  const int64_t k = src.size(0), n = src.size(1), count = (n + BLOCK - 1) / BLOCK;
+  check_row(middle, n, src, "center");
+  std::vector<double> partial(count);
+  constexpr int64_t LANES = 16;  // BLOCK is a multiple
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "centered_norm", [&] {
+    using T = scalar_t;
+    using acc = at::opmath_type<T>;
+    const T* x = src.const_data_ptr<T>();
+    const T* ctr = middle.const_data_ptr<T>();
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
+        acc lanes[LANES] = {};  // independent sums, so that the loop is vectorised rather than one long chain
+        for (int64_t r = 0; r < k; ++r) {
+          const T* __restrict__ row = x + r * n + j0;
+          const T* __restrict__ mid = ctr + j0;
+          int64_t t = 0;
+          for (; t + LANES <= m; t += LANES)
+            for (int64_t l = 0; l < LANES; ++l) {
+              const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t + l]) - static_cast<acc>(mid[t + l])));
+              lanes[l] += v * v;
+            }
+          for (; t < m; ++t) {
+            const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(mid[t])));
+            lanes[t % LANES] += v * v;
+          }
+        }
+        double total = 0;
+        for (const acc v : lanes) total += v;
+        partial[b] = total;
+      }
+    });
+  });
+  double total = 0;
+  for (const double v : partial) total += v;
+  return at::scalar_tensor(std::sqrt(total), src.options());
 }
 
 at::Tensor select_index(const at::Tensor& state, int64_t constant, int64_t high, int64_t n) {
@@ -256,15 +382,19 @@ TORCH_LIBRARY(lightning_mk, m) {
   m.def("select_backward(Tensor grad, Tensor state, int constant, int k) -> Tensor");
   m.def("select_index(Tensor state, int constant, int high, int n) -> Tensor");
   m.def("stream_state(Tensor state) -> Tensor");
-  m.def("select_backward_into(Tensor(a!) out, Tensor chosen, Tensor? other, Tensor state, int constant) -> ()");
+  m.def("select_around(Tensor copies, Tensor state, int constant, Tensor center, Tensor c, Tensor mu) -> Tensor");
+  m.def("select_around_backward(Tensor(a!) out, Tensor grad, Tensor scale, Tensor state, int constant) -> ()");
+  m.def("centered_norm(Tensor rows, Tensor center) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
   m.impl("select", &select_forward);
   m.impl("select_backward", &select_backward);
   m.impl("select_index", &select_index);
-  m.impl("select_backward_into", &select_backward_into);
   m.impl("stream_state", &stream_state);
+  m.impl("select_around", &select_around);
+  m.impl("select_around_backward", &select_around_backward);
+  m.impl("centered_norm", &centered_norm);
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, Autograd, m) {

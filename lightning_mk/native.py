@@ -104,7 +104,8 @@ def select_around_backward(out: Tensor, grad: Tensor, scale: Tensor, state: Tens
 
 def centered_norm(rows: Tensor, center: Tensor) -> Tensor:
     """``torch.linalg.vector_norm(rows - center)`` of the ``[k, n]`` CPU tensor ``rows`` without the ``[k, n]``
-    difference (summed in double: equal to the stock ops' up to rounding, and the same for any number of threads)."""
+    difference (summed in fixed blocks, in a fixed order: equal to the stock ops' to rounding, and the same for any
+    number of threads)."""
     return torch.ops.lightning_mk.centered_norm(rows, center)
 
 

@@ -7,9 +7,12 @@ each with several possible implementations: the index (from the 32-bit hashes, 1
 the forward (the chosen copy of each element) and the backward (the ``[k, n]`` gradient: the output's gradient at
 the chosen copy, zero elsewhere). The last step, ``all``, is the three together: the library's CPU kernel
 (:mod:`lightning_mk.native`, what CPU training uses, eager and compiled) against the fastest stock composition (the
-first of each step: what the library uses on a GPU or where the kernel cannot be built). For each step and kernel
-size (elements) this prints the median time of each implementation over ``--rounds`` interleaved rounds. All
-implementations of a step are checked to give the same tensor before they are timed.
+first of each step: what the library uses on a GPU or where the kernel cannot be built). The step ``default`` is the
+callback's default form (``relative``) around the same draw: its centre, its noise scale's spread, the training kernel
+``mu + c (deviations[i] - centre)`` and the stored tensor's gradient, through its autograd node (``forms._Selected``),
+with stock ops and with the kernel. For each step and kernel size (elements) this prints the median time of each
+implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the same
+tensors before they are timed (for ``default``: the kernel and the gradient; the spread is equal to rounding only).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 
 from lightning_mk import native
+from lightning_mk.forms import _mean, _rms, _Selected
 from lightning_mk.schemes import _mix, _split, _words
 
 
@@ -56,11 +60,24 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
         drawn = _split(words, width)[:n].view(1, n)
         return copies.gather(0, drawn).view(-1), copies.new_zeros(k, n).scatter_add_(0, drawn, grad)
 
+    stored, c = torch.randn(k + 1, n, device=device, requires_grad=True), torch.tensor(0.3, device=device)
+
+    def default(drawn, spread: Callable) -> tuple[torch.Tensor, ...]:
+        deviations = stored.detach()[1:]
+        center = _mean(deviations)
+        spread(deviations, center)  # what the noise scale reads (the same c below, so that the results compare)
+        kernel = _Selected.apply(stored, drawn, center, c, None, 1.0)
+        return kernel.detach(), *torch.autograd.grad(kernel, stored, grad.view(-1))
+
     whole = {"stock: the index, gather, zeros and scatter_add_": stock}
+    relative = {"stock: centre, spread, gather, in-place ops, mul and scatter_add_": lambda: default(
+        _split(words, width)[:n].view(1, n), lambda rows, center: _rms(rows - center))}
     if device.type == "cpu" and native.available():  # the hashes above are the stream 0 (state 0, constant 0)
         state = torch.zeros((), dtype=torch.int64)
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
+        relative["lightning_mk CPU kernel: centre, centered_norm, select_around and its backward"] = lambda: default(
+            (state, 0), native.centered_norm)
     return {
         "index": index_ways,
         "forward": {
@@ -74,6 +91,7 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
             "where(rows == index, grad, 0)": lambda: torch.where(rows == index, grad, 0.0),
         },
         "all": whole,
+        "default": relative,
     }
 
 

@@ -189,6 +189,7 @@ def test_the_relative_forms_spread_is_the_norm_of_the_difference_for_any_thread_
 
 
 def test_the_relative_forms_noise_scale_is_the_stock_ops_to_rounding(monkeypatch):
+    """With the kernel (eager, CPU) or without it (a GPU, compiled, no compiler), the scale is the same to rounding."""
     from lightning_mk.forms import _mean, _normaliser
 
     mu, deviations = torch.randn(64, 33), torch.randn(4, 64, 33) * 0.1

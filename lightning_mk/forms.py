@@ -321,7 +321,7 @@ def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
         size = _rms(mu)
-        if deviations.device.type == "cpu" and not torch.compiler.is_compiling() and native.available():
+        if not torch.compiler.is_compiling() and native.handles(deviations):
             spread = native.centered_norm(deviations.reshape(len(deviations), -1), center.reshape(-1))
             spread = spread / math.sqrt(deviations.numel())  # no [k, *S] difference (compiled, inductor fuses it)
         else:

@@ -49,6 +49,11 @@ def available() -> bool:
     return bool(_loaded)
 
 
+def handles(tensor: Tensor) -> bool:
+    """Whether the kernel runs on ``tensor``: a CPU tensor, with the kernel built."""
+    return tensor.device.type == "cpu" and available()
+
+
 def _load() -> bool:
     if os.environ.get("LIGHTNING_MK_NATIVE", "1") == "0":
         return False
@@ -72,7 +77,7 @@ def _load() -> bool:
     # shapes for torch.compile's tracing
     torch.library.register_fake("lightning_mk::select")(lambda copies, state, constant: copies.new_empty(copies.shape[1:]))
     torch.library.register_fake("lightning_mk::select_backward")(
-        lambda grad, state, constant, k: grad.new_empty(k, grad.numel()))
+        lambda grad, state, constant, k: grad.new_empty(k, *grad.shape))
     torch.library.register_fake("lightning_mk::select_index")(
         lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
     torch.library.register_fake("lightning_mk::stream_state")(lambda state: torch.empty_like(state))
@@ -84,8 +89,9 @@ def _load() -> bool:
 
 
 def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
-    """``copies[i_j, j]`` of the ``[k, n]`` CPU tensor ``copies``, ``i`` the draw ``Random.integers(k)`` of the stream
-    ``state ^ constant``; its gradient reaches the chosen copy only."""
+    """``copies[i_j, j]`` for each element ``j`` of the ``[k, *S]`` CPU tensor ``copies`` (flat index ``j`` over ``S``;
+    the result is ``[*S]``), ``i`` the draw ``Random.integers(k)`` of the stream ``state ^ constant``; its gradient
+    reaches the chosen copy only. The autograd node keeps its own copy of ``state``."""
     return torch.ops.lightning_mk.select(copies, state, constant)
 
 

@@ -197,17 +197,18 @@ class Select(Scheme):
     the draw, the gather and the gradient are one pass each (:mod:`lightning_mk.native`), with the same draws."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
+        if native.handles(copies):
+            # eager, the op's autograd node copies the state itself; compiled, the graph saves this copy
+            state = native.stream_state(random.state) if torch.compiler.is_compiling() else random.state
+            return native.select(copies, state, random.stream())
         flat = copies.reshape(len(copies), -1)
-        stream = self.stream(flat, random)
-        if stream is not None:
-            return native.select(flat, *stream).view(copies.shape[1:])
         return flat.gather(0, self.index(copies, random)).view(copies.shape[1:])
 
     def stream(self, copies: Tensor, random: Random) -> Optional[tuple[Tensor, int]]:
         """Where the CPU kernel draws (copies on the CPU, the kernel built): its stream, ``(state, constant)``, whose
         draw is :meth:`index`'s; otherwise None. The state is a copy (:func:`~lightning_mk.native.stream_state`):
         another training forward may move the model's on before this one's backward."""
-        if copies.device.type == "cpu" and native.available():
+        if native.handles(copies):
             return native.stream_state(random.state), random.stream()
         return None
 

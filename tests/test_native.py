@@ -23,10 +23,10 @@ def test_the_kernel_builds_with_the_test_install():
 
 
 def stock_select(copies, constant):
-    """The stock ops' ``Select.combine`` of ``[k, n]`` copies, drawing from the stream ``constant``."""
+    """The stock ops' ``Select.combine`` of ``[k, *S]`` copies, drawing from the stream ``constant``."""
     draw = Random(0, STATE)
     draw.stream = lambda: constant
-    return copies.gather(0, Select().index(copies, draw)).view(-1)
+    return copies.reshape(len(copies), -1).gather(0, Select().index(copies, draw)).view(copies.shape[1:])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 256, 300, 512, 1 << 16])
@@ -41,9 +41,11 @@ def test_the_draw_is_random_integers_bit_for_bit(k, n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
-def test_values_and_gradients_are_the_stock_ops(dtype, k):
-    copies = torch.randn(k, 3001, dtype=dtype, requires_grad=True)
-    grad = torch.randn(3001, dtype=dtype)
+@pytest.mark.parametrize("shape", [(3001,), (7, 11, 5)])
+def test_values_and_gradients_are_the_stock_ops(dtype, k, shape):
+    """``[k, *S]`` copies give a ``[*S]`` kernel and a ``[k, *S]`` gradient (no reshapes around the op)."""
+    copies = torch.randn(k, *shape, dtype=dtype, requires_grad=True)
+    grad = torch.randn(shape, dtype=dtype)
     expected = stock_select(copies, 12345)
     got = native.select(copies, STATE, 12345)
     assert torch.equal(got, expected)
@@ -65,6 +67,7 @@ def test_the_backward_uses_the_forwards_draw_and_differentiates_twice():
     assert torch.equal(grad, nn.functional.one_hot(drawn, 4).T.double())
     assert torch.autograd.gradcheck(lambda c: native.select(c, STATE, 7), (copies,))
     assert torch.autograd.gradgradcheck(lambda c: native.select(c, STATE, 7) ** 2, (copies,))
+    assert torch.autograd.gradgradcheck(lambda c: native.select(c, STATE, 7) ** 2, (copies.detach().view(4, 5, 10).requires_grad_(),))
 
 
 def test_a_model_trains_the_same_with_and_without_the_kernel(monkeypatch):

@@ -19,6 +19,14 @@
 
 namespace {
 
+// The loops over a block's elements, compiled for the widest vectors an x86 CPU has (chosen at load time; elsewhere
+// for the build's target)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VECTORISED __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTORISED
+#endif
+
 constexpr int64_t BLOCK = 960;  // elements decoded at a time: a multiple of 32 / width for every width
 
 inline uint32_t mix(uint32_t x) {  // lightning_mk.schemes._mix
@@ -45,7 +53,7 @@ typedef uint32_t lanes8 __attribute__((vector_size(32)));
 
 // idx[0 : m] = the draws of elements j0 .. j0 + m (j0 a multiple of BLOCK)
 template <int WIDTH>
-__attribute__((target_clones("avx2", "default")))
+VECTORISED
 void decode_lanes(uint32_t seed, int64_t j0, int64_t m, uint32_t* __restrict__ idx) {
   constexpr int LANES = 32 / WIDTH;
   const int64_t w0 = j0 / LANES, words = (m + LANES - 1) / LANES;
@@ -70,7 +78,7 @@ void decode_lanes(uint32_t seed, int64_t j0, int64_t m, uint32_t* __restrict__ i
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
+VECTORISED
 void decode_scaled(uint32_t seed, uint64_t high, int64_t j0, int64_t m, uint32_t* __restrict__ idx) {
   for (int64_t t = 0; t < m; ++t) idx[t] = static_cast<uint32_t>((mix(static_cast<uint32_t>(j0 + t) ^ seed) * high) >> 32);
 }
@@ -113,7 +121,7 @@ U all_or_none(bool on) { return U(0) - U(on); }
 
 // out[0 : m] = the drawn copies' elements j0 .. j0 + m of the [k, n] src
 template <typename U>
-void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
+VECTORISED void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
            int64_t m) {
   std::memcpy(out, src + j0, m * sizeof(U));
   for (int64_t r = 1; r < k; ++r) {
@@ -127,7 +135,7 @@ void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, 
 
 // dst[r, j0 + t] = picked[t] where r is the element's copy, else rest[t] (0 without rest), for t < m
 template <typename U>
-void one_hot(const U* __restrict__ picked, const U* __restrict__ rest, U* dst, const uint32_t* __restrict__ idx,
+VECTORISED void one_hot(const U* __restrict__ picked, const U* __restrict__ rest, U* dst, const uint32_t* __restrict__ idx,
              int64_t k, int64_t n, int64_t j0, int64_t m) {
   for (int64_t r = 0; r < k; ++r) {
     U* __restrict__ out = dst + r * n + j0;
@@ -157,12 +165,14 @@ void by_size(const at::Tensor& t, const Run& run) {
   }
 }
 
+// copies [k, *S] -> [*S] (no reshapes around the op: on a small kernel each costs as much as the draw)
 at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int64_t constant) {
-  TORCH_CHECK(copies.dim() == 2, "select: copies must be [k, n], got ", copies.sizes());
+  TORCH_CHECK(copies.dim() >= 1 && copies.size(0) >= 1, "select: copies must be [k, *S] with k >= 1, got ",
+              copies.sizes());
   const auto c = copies.contiguous();
-  const int64_t k = c.size(0), n = c.size(1);
+  const int64_t k = c.size(0), n = c.numel() / k;
   const Draw d(state, constant, k);
-  auto out = at::empty({n}, c.options());
+  auto out = at::empty(c.sizes().slice(1), c.options());
   by_size(c, [&](auto u) {
     using U = decltype(u);
     const U* src = static_cast<const U*>(c.const_data_ptr());
@@ -172,10 +182,13 @@ at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int
   return out;
 }
 
+// grad [*S] -> [k, *S]
 at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int64_t constant, int64_t k) {
   const auto g = grad.contiguous();
   const int64_t n = g.numel();
-  auto out = at::empty({k, n}, g.options());
+  std::vector<int64_t> shape{k};
+  shape.insert(shape.end(), g.sizes().begin(), g.sizes().end());
+  auto out = at::empty(shape, g.options());
   const Draw d(state, constant, k);
   by_size(g, [&](auto u) {
     using U = decltype(u);
@@ -189,7 +202,7 @@ at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int6
 // out = (out - center) * factor + mu, each operation rounded to T (the loops are functions of restrict pointers,
 // which the compiler vectorises)
 template <typename T>
-void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
+VECTORISED void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
             int64_t m) {
   using acc = at::opmath_type<T>;
   for (int64_t t = 0; t < m; ++t) {
@@ -201,7 +214,7 @@ void around(T* __restrict__ out, const T* __restrict__ center, const T* __restri
 
 // o = grad * s, p = o * share: picked = p + o, rest = p, each operation rounded to T
 template <typename T>
-void shares(const T* __restrict__ grad, T* __restrict__ picked, T* __restrict__ rest, at::opmath_type<T> s,
+VECTORISED void shares(const T* __restrict__ grad, T* __restrict__ picked, T* __restrict__ rest, at::opmath_type<T> s,
             at::opmath_type<T> share, int64_t m) {
   using acc = at::opmath_type<T>;
   for (int64_t t = 0; t < m; ++t) {
@@ -271,43 +284,47 @@ void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::T
   });
 }
 
-// ||rows - center|| of [k, n] rows (the relative form's spread) without their [k, n] difference: each difference
-// rounded to the dtype as the stock ops', squares summed in 16 lanes per block (float, double for double), the
-// blocks in double and in order, so that the result does not depend on the number of threads.
+// The squares of rows - center summed over elements j0 .. j0 + m of the [k, n] rows: each difference rounded to T as
+// the stock subtraction, squares summed in 16 lanes (independent sums, so that the loop is vectorised rather than one
+// long chain; float, double for double), the lanes in order.
+template <typename T>
+VECTORISED double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0, int64_t m) {
+  using acc = at::opmath_type<T>;
+  constexpr int64_t LANES = 16;  // BLOCK is a multiple
+  acc lanes[LANES] = {};
+  for (int64_t r = 0; r < k; ++r) {
+    const T* __restrict__ row = x + r * n + j0;
+    const T* __restrict__ mid = ctr + j0;
+    int64_t t = 0;
+    for (; t + LANES <= m; t += LANES)
+      for (int64_t l = 0; l < LANES; ++l) {
+        const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t + l]) - static_cast<acc>(mid[t + l])));
+        lanes[l] += v * v;
+      }
+    for (; t < m; ++t) {
+      const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(mid[t])));
+      lanes[t % LANES] += v * v;
+    }
+  }
+  double total = 0;
+  for (const acc v : lanes) total += v;
+  return total;
+}
+
+// ||rows - center|| of [k, n] rows (the relative form's spread) without their [k, n] difference: the blocks' sums
+// (block_squares) added in double and in order, so that the result does not depend on the number of threads.
 at::Tensor centered_norm(const at::Tensor& rows, const at::Tensor& center) {
   TORCH_CHECK(rows.dim() == 2, "centered_norm: rows must be [k, n], got ", rows.sizes());
   const auto src = rows.contiguous(), middle = center.contiguous();
   const int64_t k = src.size(0), n = src.size(1), count = (n + BLOCK - 1) / BLOCK;
   check_row(middle, n, src, "center");
   std::vector<double> partial(count);
-  constexpr int64_t LANES = 16;  // BLOCK is a multiple
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "centered_norm", [&] {
     using T = scalar_t;
-    using acc = at::opmath_type<T>;
     const T* x = src.const_data_ptr<T>();
     const T* ctr = middle.const_data_ptr<T>();
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
-        acc lanes[LANES] = {};  // independent sums, so that the loop is vectorised rather than one long chain
-        for (int64_t r = 0; r < k; ++r) {
-          const T* __restrict__ row = x + r * n + j0;
-          const T* __restrict__ mid = ctr + j0;
-          int64_t t = 0;
-          for (; t + LANES <= m; t += LANES)
-            for (int64_t l = 0; l < LANES; ++l) {
-              const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t + l]) - static_cast<acc>(mid[t + l])));
-              lanes[l] += v * v;
-            }
-          for (; t < m; ++t) {
-            const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(mid[t])));
-            lanes[t % LANES] += v * v;
-          }
-        }
-        double total = 0;
-        for (const acc v : lanes) total += v;
-        partial[b] = total;
-      }
+      for (int64_t b = begin; b < end; ++b) partial[b] = block_squares<T>(x, ctr, k, n, b * BLOCK, std::min(BLOCK, n - b * BLOCK));
     });
   });
   double total = 0;
@@ -361,7 +378,9 @@ class Select : public torch::autograd::Function<Select> {
     const auto& grad = grads[0];
     if (at::GradMode::is_enabled()) {  // a double backward (create_graph): differentiable ops only
       const auto index = call_select_index(state, constant, k, grad.numel()).view({1, -1});
-      return {at::zeros({k, grad.numel()}, grad.options()).scatter_add(0, index, grad.reshape({1, -1})), {}, {}};
+      std::vector<int64_t> shape{k};
+      shape.insert(shape.end(), grad.sizes().begin(), grad.sizes().end());
+      return {at::zeros({k, grad.numel()}, grad.options()).scatter_add(0, index, grad.reshape({1, -1})).view(shape), {}, {}};
     }
     return {call_select_backward(grad, state, constant, k), {}, {}};
   }

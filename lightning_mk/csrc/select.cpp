@@ -121,7 +121,8 @@ U all_or_none(bool on) { return U(0) - U(on); }
 
 // out[0 : m] = the drawn copies' elements j0 .. j0 + m of the [k, n] src
 template <typename U>
-VECTORISED void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
+VECTORISED
+void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
            int64_t m) {
   std::memcpy(out, src + j0, m * sizeof(U));
   for (int64_t r = 1; r < k; ++r) {
@@ -135,7 +136,8 @@ VECTORISED void blend(const U* src, U* __restrict__ out, const uint32_t* __restr
 
 // dst[r, j0 + t] = picked[t] where r is the element's copy, else rest[t] (0 without rest), for t < m
 template <typename U>
-VECTORISED void one_hot(const U* __restrict__ picked, const U* __restrict__ rest, U* dst, const uint32_t* __restrict__ idx,
+VECTORISED
+void one_hot(const U* __restrict__ picked, const U* __restrict__ rest, U* dst, const uint32_t* __restrict__ idx,
              int64_t k, int64_t n, int64_t j0, int64_t m) {
   for (int64_t r = 0; r < k; ++r) {
     U* __restrict__ out = dst + r * n + j0;
@@ -182,13 +184,18 @@ at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int
   return out;
 }
 
+// [k, *S]: the copies' shape of a kernel shaped S
+std::vector<int64_t> copies_shape(int64_t k, at::IntArrayRef kernel) {
+  std::vector<int64_t> shape{k};
+  shape.insert(shape.end(), kernel.begin(), kernel.end());
+  return shape;
+}
+
 // grad [*S] -> [k, *S]
 at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int64_t constant, int64_t k) {
   const auto g = grad.contiguous();
   const int64_t n = g.numel();
-  std::vector<int64_t> shape{k};
-  shape.insert(shape.end(), g.sizes().begin(), g.sizes().end());
-  auto out = at::empty(shape, g.options());
+  auto out = at::empty(copies_shape(k, g.sizes()), g.options());
   const Draw d(state, constant, k);
   by_size(g, [&](auto u) {
     using U = decltype(u);
@@ -202,7 +209,8 @@ at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int6
 // out = (out - center) * factor + mu, each operation rounded to T (the loops are functions of restrict pointers,
 // which the compiler vectorises)
 template <typename T>
-VECTORISED void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
+VECTORISED
+void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
             int64_t m) {
   using acc = at::opmath_type<T>;
   for (int64_t t = 0; t < m; ++t) {
@@ -214,7 +222,8 @@ VECTORISED void around(T* __restrict__ out, const T* __restrict__ center, const 
 
 // o = grad * s, p = o * share: picked = p + o, rest = p, each operation rounded to T
 template <typename T>
-VECTORISED void shares(const T* __restrict__ grad, T* __restrict__ picked, T* __restrict__ rest, at::opmath_type<T> s,
+VECTORISED
+void shares(const T* __restrict__ grad, T* __restrict__ picked, T* __restrict__ rest, at::opmath_type<T> s,
             at::opmath_type<T> share, int64_t m) {
   using acc = at::opmath_type<T>;
   for (int64_t t = 0; t < m; ++t) {
@@ -288,7 +297,8 @@ void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::T
 // the stock subtraction, squares summed in 16 lanes (independent sums, so that the loop is vectorised rather than one
 // long chain; float, double for double), the lanes in order.
 template <typename T>
-VECTORISED double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0, int64_t m) {
+VECTORISED
+double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0, int64_t m) {
   using acc = at::opmath_type<T>;
   constexpr int64_t LANES = 16;  // BLOCK is a multiple
   acc lanes[LANES] = {};
@@ -324,7 +334,8 @@ at::Tensor centered_norm(const at::Tensor& rows, const at::Tensor& center) {
     const T* x = src.const_data_ptr<T>();
     const T* ctr = middle.const_data_ptr<T>();
     at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) partial[b] = block_squares<T>(x, ctr, k, n, b * BLOCK, std::min(BLOCK, n - b * BLOCK));
+      for (int64_t b = begin; b < end; ++b)
+        partial[b] = block_squares<T>(x, ctr, k, n, b * BLOCK, std::min(BLOCK, n - b * BLOCK));
     });
   });
   double total = 0;
@@ -378,9 +389,8 @@ class Select : public torch::autograd::Function<Select> {
     const auto& grad = grads[0];
     if (at::GradMode::is_enabled()) {  // a double backward (create_graph): differentiable ops only
       const auto index = call_select_index(state, constant, k, grad.numel()).view({1, -1});
-      std::vector<int64_t> shape{k};
-      shape.insert(shape.end(), grad.sizes().begin(), grad.sizes().end());
-      return {at::zeros({k, grad.numel()}, grad.options()).scatter_add(0, index, grad.reshape({1, -1})).view(shape), {}, {}};
+      const auto flat = at::zeros({k, grad.numel()}, grad.options()).scatter_add(0, index, grad.reshape({1, -1}));
+      return {flat.view(copies_shape(k, grad.sizes())), {}, {}};
     }
     return {call_select_backward(grad, state, constant, k), {}, {}};
   }

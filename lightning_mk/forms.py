@@ -170,12 +170,10 @@ class _Selected(torch.autograd.Function):
 
     @staticmethod
     def forward(stored: Tensor, drawn, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
+        if not isinstance(drawn, Tensor):  # the same operations in one pass
+            return native.select_around(stored[1:], *drawn, center, c, stored[0])
         flat = stored.reshape(len(stored), -1)
-        if isinstance(drawn, Tensor):
-            kernel = flat[1:].gather(0, drawn).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0])
-        else:  # the same operations in one pass
-            kernel = native.select_around(flat[1:], *drawn, center.view(-1), c, flat[0])
-        return kernel.view(stored.shape[1:])
+        return flat[1:].gather(0, drawn).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0]).view(stored.shape[1:])
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -187,27 +185,27 @@ class _Selected(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         stored, c, decay, index = ctx.saved_tensors
-        k, g = len(stored) - 1, grad.reshape(1, -1)
-        mu, scale = stored[0].reshape(1, -1), c * ctx.grad_scale
+        k, scale = len(stored) - 1, c * ctx.grad_scale
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiable ops only
+            g, mu = grad.reshape(1, -1), stored[0].reshape(1, -1)
             if index is None:
                 index = native.index(*ctx.stream, k, g.numel()).view(1, -1)
             offset = g * scale  # the gradient of the chosen deviation
             mu_grad = g if decay is None else g + decay.to(g.dtype) * mu
             deviations_grad = offset.new_zeros(k, offset.shape[1]).scatter_add(0, index, offset) - offset / k
             return torch.cat([mu_grad, deviations_grad]).view_as(stored), None, None, None, None, None
-        stored_grad = g.new_empty(k + 1, g.shape[1])
+        stored_grad = grad.new_empty(stored.shape)
         if decay is None:
-            stored_grad[0] = g[0]
+            stored_grad[0] = grad
         else:
-            torch.addcmul(g, decay.to(g.dtype), mu, out=stored_grad[:1])
+            torch.addcmul(grad, decay.to(grad.dtype), stored[0], out=stored_grad[0])
         if index is None:  # the same operations in one pass
-            native.select_around_backward(stored_grad[1:], g, scale, *ctx.stream)
+            native.select_around_backward(stored_grad[1:], grad, scale, *ctx.stream)
         else:  # offset - offset/k at the drawn copy, -offset/k at the others
-            offset = g * scale
-            torch.mul(offset.expand(k, -1), -1 / k, out=stored_grad[1:])
-            stored_grad[1:].scatter_add_(0, index, offset)
-        return stored_grad.view_as(stored), None, None, None, None, None
+            offset, rows = grad.reshape(1, -1) * scale, stored_grad[1:].view(k, -1)
+            torch.mul(offset.expand(k, -1), -1 / k, out=rows)
+            rows.scatter_add_(0, index, offset)
+        return stored_grad, None, None, None, None, None
 
 
 class Reparametrisation(Form):
@@ -322,8 +320,7 @@ def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     with torch.no_grad():
         size = _rms(mu)
         if not torch.compiler.is_compiling() and native.handles(deviations):
-            spread = native.centered_norm(deviations.reshape(len(deviations), -1), center.reshape(-1))
-            spread = spread / math.sqrt(deviations.numel())  # no [k, *S] difference (compiled, inductor fuses it)
+            spread = native.centered_norm(deviations, center) / math.sqrt(deviations.numel())  # no [k, *S] difference (compiled, inductor fuses it)
         else:
             spread = _rms(deviations - center)
         return size / spread.clamp_min(1e-6 * size).clamp_min(1e-30)

@@ -96,20 +96,20 @@ def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
 
 
 def select_around(copies: Tensor, state: Tensor, constant: int, center: Tensor, c: Tensor, mu: Tensor) -> Tensor:
-    """``(select(copies) - center) * c + mu`` in one pass, no autograd (``center`` and ``mu``: ``n`` values, ``c``: one),
+    """``(select(copies) - center) * c + mu`` in one pass, no autograd (``center`` and ``mu``: ``[*S]``, ``c``: one value),
     each operation rounded as the stock ops' (the same values): the decoupled forms' training kernel."""
     return torch.ops.lightning_mk.select_around(copies, state, constant, center, c, mu)
 
 
 def select_around_backward(out: Tensor, grad: Tensor, scale: Tensor, state: Tensor, constant: int) -> None:
-    """Write into the contiguous ``[k, n]`` tensor ``out`` the gradient of :func:`select_around`'s copies, the centre's
+    """Write into the contiguous ``[k, *S]`` tensor ``out`` the gradient of :func:`select_around`'s copies, the centre's
     share included, times ``scale`` (one value): ``o - o/k`` at the copy element ``j`` took and ``-o/k`` at the others,
     ``o = grad * scale``. One pass, no autograd."""
     torch.ops.lightning_mk.select_around_backward(out, grad, scale, state, constant)
 
 
 def centered_norm(rows: Tensor, center: Tensor) -> Tensor:
-    """``torch.linalg.vector_norm(rows - center)`` of the ``[k, n]`` CPU tensor ``rows`` without the ``[k, n]``
+    """``torch.linalg.vector_norm(rows - center)`` of the ``[k, *S]`` CPU tensor ``rows`` without the ``[k, *S]``
     difference (summed in fixed blocks, in a fixed order: equal to the stock ops' to rounding, and the same for any
     number of threads)."""
     return torch.ops.lightning_mk.centered_norm(rows, center)

@@ -151,16 +151,18 @@ def test_compiled_graphs_call_the_kernel_and_train_as_the_stock_graphs(monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k", [1, 3, 4])
 @pytest.mark.parametrize("decay", [None, 0.01])
-def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(decay, k, dtype):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(transposed, decay, k, dtype):
     """Decoupled/relative train ``select`` through one autograd node (``_Selected``): given the kernel's stream
     rather than an index, its fused forward (draw, centre, scale, mu) and backward (the deviations' rows in one
-    pass) give the kernel and the gradient of the stored tensor the stock ops give, bit for bit in every dtype."""
+    pass) give the kernel and the gradient of the stored tensor the stock ops give, bit for bit in every dtype,
+    also for a non-contiguous incoming gradient (a linear layer's is a transposed view)."""
     from lightning_mk.forms import _mean, _Selected
 
     stored = torch.randn(k + 1, 30, 67, dtype=dtype, requires_grad=True)
     center, c = _mean(stored[1:].detach()), torch.tensor(0.3, dtype=dtype)
     decay = None if decay is None else torch.tensor(decay)
-    grad = torch.randn(30, 67, dtype=dtype)
+    grad = torch.randn(67, 30, dtype=dtype).t() if transposed else torch.randn(30, 67, dtype=dtype)
     index = native.index(STATE, 99, k, 30 * 67).view(1, -1)
     results = []
     for drawn in (index, (STATE.clone(), 99)):

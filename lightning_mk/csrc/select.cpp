@@ -119,7 +119,7 @@ void blocks(const Draw& d, int64_t n, const F& f) {
 template <typename U>
 U all_or_none(bool on) { return U(0) - U(on); }
 
-// out[0 : m] = the drawn copies' elements j0 .. j0 + m of the [k, n] src
+// out[0 : m] = the drawn copies' elements j0 .. j0 + m of the [k, n] src (n: the elements of a copy)
 template <typename U>
 VECTORISED
 void blend(const U* src, U* __restrict__ out, const uint32_t* __restrict__ idx, int64_t k, int64_t n, int64_t j0,
@@ -167,12 +167,24 @@ void by_size(const at::Tensor& t, const Run& run) {
   }
 }
 
+// [k, *S]: the copies' shape of a kernel shaped S
+std::vector<int64_t> copies_shape(int64_t k, at::IntArrayRef kernel) {
+  std::vector<int64_t> shape{k};
+  shape.insert(shape.end(), kernel.begin(), kernel.end());
+  return shape;
+}
+
+// k and n (the elements of S) of [k, *S] copies; `what` names them in the error
+std::pair<int64_t, int64_t> rows_of(const at::Tensor& copies, const char* what) {
+  TORCH_CHECK(copies.dim() >= 1 && copies.size(0) >= 1, what, " must be [k, *S] with k >= 1, got ", copies.sizes());
+  return {copies.size(0), copies.numel() / copies.size(0)};
+}
+
 // copies [k, *S] -> [*S] (no reshapes around the op: on a small kernel each costs as much as the draw)
 at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int64_t constant) {
-  TORCH_CHECK(copies.dim() >= 1 && copies.size(0) >= 1, "select: copies must be [k, *S] with k >= 1, got ",
-              copies.sizes());
+  const auto kn = rows_of(copies, "select: copies");
+  const int64_t k = kn.first, n = kn.second;
   const auto c = copies.contiguous();
-  const int64_t k = c.size(0), n = c.numel() / k;
   const Draw d(state, constant, k);
   auto out = at::empty(c.sizes().slice(1), c.options());
   by_size(c, [&](auto u) {
@@ -182,13 +194,6 @@ at::Tensor select_forward(const at::Tensor& copies, const at::Tensor& state, int
     blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) { blend<U>(src, dst + j0, idx, k, n, j0, m); });
   });
   return out;
-}
-
-// [k, *S]: the copies' shape of a kernel shaped S
-std::vector<int64_t> copies_shape(int64_t k, at::IntArrayRef kernel) {
-  std::vector<int64_t> shape{k};
-  shape.insert(shape.end(), kernel.begin(), kernel.end());
-  return shape;
 }
 
 // grad [*S] -> [k, *S]
@@ -243,14 +248,14 @@ void check_row(const at::Tensor& row, int64_t n, const at::Tensor& like, const c
 // dtype as the stock ops' (sub_, mul_, add_): the same values, in one pass rather than four.
 at::Tensor select_around(const at::Tensor& copies, const at::Tensor& state, int64_t constant, const at::Tensor& center,
                          const at::Tensor& c, const at::Tensor& mu) {
-  TORCH_CHECK(copies.dim() == 2, "select: copies must be [k, n], got ", copies.sizes());
+  const auto kn = rows_of(copies, "select: copies");
+  const int64_t k = kn.first, n = kn.second;
   const auto src = copies.contiguous(), middle = center.contiguous(), base = mu.contiguous();
-  const int64_t k = src.size(0), n = src.size(1);
   check_row(middle, n, src, "center");
   check_row(base, n, src, "mu");
   TORCH_CHECK(c.numel() == 1, "select: c must be one value, got ", c.sizes());
   const Draw d(state, constant, k);
-  auto out = at::empty({n}, src.options());
+  auto out = at::empty(src.sizes().slice(1), src.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "select_around", [&] {
     using T = scalar_t;
     using acc = at::opmath_type<T>;
@@ -268,12 +273,13 @@ at::Tensor select_around(const at::Tensor& copies, const at::Tensor& state, int6
   return out;
 }
 
-// select_around's gradient of the copies into the contiguous [k, n] out: with o = grad * scale and p = o * (-1/k),
+// select_around's gradient of the copies into the contiguous [k, *S] out: with o = grad * scale and p = o * (-1/k),
 // o + p at element j's copy and p at the others, each operation rounded as the stock ops' (one pass, no autograd).
 void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& state,
                             int64_t constant) {
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous(), "select: out must be a contiguous [k, n], got ", out.sizes());
-  const int64_t k = out.size(0), n = out.size(1);
+  const auto kn = rows_of(out, "select: out");
+  const int64_t k = kn.first, n = kn.second;
+  TORCH_CHECK(out.is_contiguous(), "select: out must be contiguous");
   const auto g = grad.contiguous();
   check_row(g, n, out, "grad");
   TORCH_CHECK(scale.numel() == 1, "select: scale must be one value, got ", scale.sizes());
@@ -321,12 +327,13 @@ double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0,
   return total;
 }
 
-// ||rows - center|| of [k, n] rows (the relative form's spread) without their [k, n] difference: the blocks' sums
+// ||rows - center|| of [k, *S] rows (the relative form's spread) without their [k, *S] difference: the blocks' sums
 // (block_squares) added in double and in order, so that the result does not depend on the number of threads.
 at::Tensor centered_norm(const at::Tensor& rows, const at::Tensor& center) {
-  TORCH_CHECK(rows.dim() == 2, "centered_norm: rows must be [k, n], got ", rows.sizes());
+  const auto kn = rows_of(rows, "centered_norm: rows");
+  const int64_t k = kn.first, n = kn.second;
   const auto src = rows.contiguous(), middle = center.contiguous();
-  const int64_t k = src.size(0), n = src.size(1), count = (n + BLOCK - 1) / BLOCK;
+  const int64_t count = (n + BLOCK - 1) / BLOCK;
   check_row(middle, n, src, "center");
   std::vector<double> partial(count);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "centered_norm", [&] {

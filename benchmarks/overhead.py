@@ -14,8 +14,11 @@ the ratio should be 1.00), and of the MK model in eval mode (its mean is compute
 
 ``--compile``: plain, the floor, every scheme and the default at k = 4, each eager and ``torch.compile(model,
 fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the floor, MK (``select`` and the
-default), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--profile MODEL VARIANT``: the top operators of 10 eager
-steps of one variant (torch.profiler), to see where its time goes. ``--device cuda``: the same on a GPU (each step
+default), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--phases``: the median forward,
+backward and optimizer time of plain, the floor, the floor paid through ``torch.nn.utils.parametrize``
+(``parametrized floor``), ``select`` and the default at k = 4, interleaved (each phase timed on its own, no
+profiler). ``--profile MODEL VARIANT``: the top operators of 10 eager steps of one variant (torch.profiler), to
+see where its time goes. ``--device cuda``: the same on a GPU (each step
 synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``. Denormal
 floats are flushed to zero (``torch.set_flush_denormal``), so that no step time depends on the data.
 """
@@ -30,10 +33,12 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_mk import MajorityKernelCallback, apply_majority_kernels, collapse
 from lightning_mk.forms import get_form
@@ -79,14 +84,27 @@ class Variant:
         self.y = torch.randint(0, 10, (BATCH,), device=DEVICE)
         self.times: list[float] = []
 
-    def step(self) -> None:
+    def step(self, phases: Optional[list] = None) -> None:
+        """One training step; ``phases``: append its (forward, backward, optimizer) seconds to it (the forward
+        counts the gradients' reset, the backward the floor's fresh gradient; the device synchronised after each)."""
+        marks = [time.perf_counter()]
         for p in self.model.parameters():
             p.grad = None
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        if phases is not None:
+            _sync()
+            marks.append(time.perf_counter())
+        loss.backward()
         if self.extra is not None:  # written afresh each step, as every copy's gradient is
             self.extra.grad = torch.full_like(self.extra, 1e-3)
+        if phases is not None:
+            _sync()
+            marks.append(time.perf_counter())
         self.optimizer.step()
         _sync()
+        if phases is not None:
+            marks.append(time.perf_counter())
+            phases.append([after - before for before, after in zip(marks, marks[1:])])
 
 
 def _sync() -> None:
@@ -125,6 +143,55 @@ def family(model_name: str, optimizer: str, k: int = 4):
         options["doconv"] = dict(form="doconv")
     for name, chosen in options.items():
         yield name, lambda name=name, chosen=chosen: Variant(name, apply_majority_kernels(copy.deepcopy(plain), **chosen).module, optimizer, shape)
+
+
+class _FirstCopy(nn.Module):
+    """A parametrization storing ``k`` rows of a kernel and training the first: what ``torch.nn.utils.parametrize``
+    itself costs a layer (the property, the parametrization's call, the row's gradient into a ``[k, *S]`` tensor)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored[0]
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value.unsqueeze(0).repeat(self.k, *[1] * value.dim())
+
+
+def parametrized_floor(model_name: str, k: int) -> nn.Module:
+    """The plain model with :class:`_FirstCopy` on every kernel: the floor, paid through parametrize."""
+    build, _, n = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build(n)
+    for uses in eligible_layers(model, resolve_layer_types(None), biases=False).values():
+        layer, name = uses[0]  # the benchmark's models tie no kernels
+        parametrize.register_parametrization(layer, name, _FirstCopy(k), unsafe=True)
+    return model
+
+
+def phases(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
+    """Median forward, backward and optimizer time of plain, the floor, :func:`parametrized_floor`, ``select`` and the
+    callback's default at ``k``, interleaved after warm-up."""
+    shape = MODELS[model_name][1]
+    made = dict(variants(model_name, optimizer))
+    made[f"parametrized floor k={k}"] = lambda: Variant(f"parametrized floor k={k}", parametrized_floor(model_name, k), optimizer, shape)
+    wanted = ["plain", f"floor k={k}", f"parametrized floor k={k}", f"mk select k={k}", f"mk default k={k}"]
+    runs = {name: made[name]() for name in wanted}
+    times: dict[str, list] = {name: [] for name in wanted}
+    for v in runs.values():
+        for _ in range(3):
+            v.step()
+    for _ in range(rounds):
+        for name, v in runs.items():
+            for _ in range(steps):
+                v.step(times[name])
+    rows = []
+    for name in wanted:
+        medians = [statistics.median(column) * 1000 for column in zip(*times[name])]
+        rows.append(f"| {model_name} | {name} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {sum(medians):.2f} |")
+    return rows
 
 
 def time_steps(model_name: str, optimizer: str, steps: int, rounds: int) -> dict[str, float]:
@@ -281,6 +348,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager, k=4")
     parser.add_argument("--family", action="store_true", help="as --compile, for MK, DO-Conv and ExpandNets, with memory")
+    parser.add_argument("--phases", action="store_true", help="only forward, backward and optimizer medians, k=4")
     parser.add_argument("--latency", action="store_true", help="only the collapse and inference-latency part")
     parser.add_argument("--profile", nargs=2, metavar=("MODEL", "VARIANT"), help='e.g. mlp "mk select k=4"')
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -310,6 +378,13 @@ def main() -> None:
         lines += ["## Collapse and inference", ""] + collapse_and_latency() + [""]
         print("\n".join(lines[-3:]))
         return _write(args, "latency", lines)
+    if args.phases:
+        lines += ["| model | variant | forward (ms) | backward (ms) | optimizer (ms) | sum (ms) |", "|---|---|--:|--:|--:|--:|"]
+        for model_name in args.models:
+            rows = phases(model_name, args.optimizer, args.steps, args.rounds)
+            lines += rows
+            print("\n".join(rows), flush=True)
+        return _write(args, "phases", lines)
     if args.compile or args.family:
         lines += [
             "| model | variant | eager (ms) | compiled (ms) | eager / plain eager | compiled / plain compiled |"

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,29 +81,30 @@ class Variant:
         self.optimizer = make_optimizer(params, optimizer)
         self.x = torch.randn(BATCH, *shape, device=DEVICE)
         self.y = torch.randint(0, 10, (BATCH,), device=DEVICE)
-        self.times: list[float] = []
+        self.times: list[float] = []  # whole steps
+        self.phases: list[list[float]] = []  # (forward, backward, optimizer) of each step timed by phase
 
-    def step(self, phases: Optional[list] = None) -> None:
-        """One training step; ``phases``: append its (forward, backward, optimizer) seconds to it (the forward
-        counts the gradients' reset, the backward the floor's fresh gradient; the device synchronised after each)."""
+    def step(self, phases: bool = False) -> None:
+        """One training step; ``phases``: append its (forward, backward, optimizer) seconds to ``self.phases`` (the
+        forward counts the gradients' reset, the backward the floor's fresh gradient; the device synchronised after each)."""
         marks = [time.perf_counter()]
         for p in self.model.parameters():
             p.grad = None
         loss = F.cross_entropy(self.model(self.x), self.y)
-        if phases is not None:
+        if phases:
             _sync()
             marks.append(time.perf_counter())
         loss.backward()
         if self.extra is not None:  # written afresh each step, as every copy's gradient is
             self.extra.grad = torch.full_like(self.extra, 1e-3)
-        if phases is not None:
+        if phases:
             _sync()
             marks.append(time.perf_counter())
         self.optimizer.step()
         _sync()
-        if phases is not None:
+        if phases:
             marks.append(time.perf_counter())
-            phases.append([after - before for before, after in zip(marks, marks[1:])])
+            self.phases.append([after - before for before, after in zip(marks, marks[1:])])
 
 
 def _sync() -> None:
@@ -179,32 +179,33 @@ def phases(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4)
     made[f"parametrized floor k={k}"] = lambda: Variant(f"parametrized floor k={k}", parametrized_floor(model_name, k), optimizer, shape)
     wanted = ["plain", f"floor k={k}", f"parametrized floor k={k}", f"mk select k={k}", f"mk default k={k}"]
     runs = {name: made[name]() for name in wanted}
-    times: dict[str, list] = {name: [] for name in wanted}
-    for v in runs.values():
-        for _ in range(3):
-            v.step()
-    for _ in range(rounds):
-        for name, v in runs.items():
-            for _ in range(steps):
-                v.step(times[name])
+    interleave(runs.values(), steps, rounds, phases=True)
     rows = []
-    for name in wanted:
-        medians = [statistics.median(column) * 1000 for column in zip(*times[name])]
+    for name, v in runs.items():
+        medians = [statistics.median(column) * 1000 for column in zip(*v.phases)]
         rows.append(f"| {model_name} | {name} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {sum(medians):.2f} |")
     return rows
 
 
-def time_steps(model_name: str, optimizer: str, steps: int, rounds: int) -> dict[str, float]:
-    built = [make() for _, make in variants(model_name, optimizer)]
-    for v in built:  # warm-up
+def interleave(runs, steps: int, rounds: int, phases: bool = False) -> None:
+    """Warm each variant up (3 steps; a compiled one compiles here), then time ``rounds`` rounds of ``steps`` steps of
+    each in turn: whole steps into ``times`` or, with ``phases``, each phase into ``phases``."""
+    runs = list(runs)
+    for v in runs:
         for _ in range(3):
             v.step()
     for _ in range(rounds):
-        for v in built:
+        for v in runs:
             for _ in range(steps):
                 start = time.perf_counter()
-                v.step()
-                v.times.append(time.perf_counter() - start)
+                v.step(phases)
+                if not phases:
+                    v.times.append(time.perf_counter() - start)
+
+
+def time_steps(model_name: str, optimizer: str, steps: int, rounds: int) -> dict[str, float]:
+    built = [make() for _, make in variants(model_name, optimizer)]
+    interleave(built, steps, rounds)
     return {v.name: statistics.median(v.times) for v in built}
 
 
@@ -268,15 +269,7 @@ def compiled_vs_eager(model_name: str, optimizer: str, steps: int, rounds: int, 
         compiled = made[name]()
         compiled.model = torch.compile(compiled.model, fullgraph=True)
         runs[f"{name}, compiled"] = compiled
-    for v in runs.values():
-        for _ in range(3):  # compiles here
-            v.step()
-    for _ in range(rounds):
-        for v in runs.values():
-            for _ in range(steps):
-                start = time.perf_counter()
-                v.step()
-                v.times.append(time.perf_counter() - start)
+    interleave(runs.values(), steps, rounds)
     med = {name: statistics.median(v.times) for name, v in runs.items()}
     rows = []
     for name in wanted:

@@ -8,11 +8,11 @@ the forward (the chosen copy of each element) and the backward (the ``[k, n]`` g
 the chosen copy, zero elsewhere). The last step, ``all``, is the three together: the library's CPU kernel
 (:mod:`lightning_mk.native`, what CPU training uses, eager and compiled) against the fastest stock composition (the
 first of each step: what the library uses on a GPU or where the kernel cannot be built). The step ``default`` is the
-callback's default form (``relative``) around the same draw: its centre, its noise scale's spread, the training kernel
-``mu + c (deviations[i] - centre)`` and the stored tensor's gradient, through its autograd node (``forms._Selected``),
-with stock ops and with the kernel. For each step and kernel size (elements) this prints the median time of each
+callback's default form (``relative``) around the same draw: its centre, its noise scale, the training kernel
+``mu + c (deviations[i] - centre)`` and the stored tensor's gradient through its autograd node, with stock ops
+(``forms._Selected``) and with the kernel. For each step and kernel size (elements) this prints the median time of each
 implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the same
-tensors before they are timed (for ``default``: the kernel and the gradient; the spread is equal to rounding only).
+tensors before they are timed (for ``default``: the kernel and the gradient; the noise scale is equal to rounding only).
 """
 
 from __future__ import annotations
@@ -62,22 +62,24 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
 
     stored, c = torch.randn(k + 1, n, device=device, requires_grad=True), torch.tensor(0.3, device=device)
 
-    def default(drawn, spread: Callable) -> tuple[torch.Tensor, ...]:
+    def default(node: Callable, scale: Callable) -> tuple[torch.Tensor, ...]:
         deviations = stored.detach()[1:]
         center = _mean(deviations)
-        spread(deviations, center)  # what the noise scale reads (the same c below, so that the results compare)
-        kernel = _Selected.apply(stored, drawn, center, c, None, 1.0)
+        scale(deviations, center)  # the noise scale (the same c below, so that the results compare)
+        kernel = node(center)
         return kernel.detach(), *torch.autograd.grad(kernel, stored, grad.view(-1))
 
     whole = {"stock: the index, gather, zeros and scatter_add_": stock}
-    relative = {"stock: centre, spread, gather, in-place ops, mul and scatter_add_": lambda: default(
-        _split(words, width)[:n].view(1, n), lambda rows, center: _rms(rows - center))}
+    relative = {"stock: centre, noise scale, gather, in-place ops, mul and scatter_add_": lambda: default(
+        lambda center: _Selected.apply(stored, _split(words, width)[:n].view(1, n), center, c, None, 1.0),
+        lambda rows, center: _rms(stored.detach()[0]) / _rms(rows - center))}
     if device.type == "cpu" and native.available():  # the hashes above are the stream 0 (state 0, constant 0)
         state = torch.zeros((), dtype=torch.int64)
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
-        relative["lightning_mk CPU kernel: centre, centered_norm, select_around and its backward"] = lambda: default(
-            (state, 0), native.centered_norm)
+        relative["lightning_mk CPU kernel: centre, normaliser, select_around and its backward"] = lambda: default(
+            lambda center: native.select_around(stored, state, 0, center, c, None, 1.0),
+            lambda rows, center: native.normaliser(stored.detach()[0], rows, center))
     return {
         "index": index_ways,
         "forward": {

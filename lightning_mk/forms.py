@@ -113,8 +113,8 @@ class Decoupled(Form):
 
     def select(self, stored: Tensor, scheme: Select, random: Random, level: Tensor, decay: Optional[Tensor],
                grad_scale: float) -> Tensor:
-        """:meth:`sample` of the ``select`` scheme's combination (``scheme.stream`` or ``scheme.index``: the copy each
-        element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd
+        """:meth:`sample` of the ``select`` scheme's combination (the CPU kernel's draw of ``scheme.stream``, or
+        ``scheme.index``: the copy each element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd
         node, whose backward writes the stored tensor's gradient in one pass (the general composition writes and sums
         several of its size); the deviations' gradients times ``grad_scale``."""
         with torch.no_grad():  # the stored tensor is split here only, with no autograd node
@@ -122,9 +122,10 @@ class Decoupled(Form):
             center = _mean(deviations)
             scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
         c = level if scale is None else level * scale
-        stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or an index
-        drawn = scheme.index(deviations, random) if stream is None else stream
-        return _Selected.apply(stored, drawn, center, c, decay, grad_scale)
+        stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or None
+        if stream is not None:
+            return native.select_around(stored, *stream, center, c, decay, grad_scale)
+        return _Selected.apply(stored, scheme.index(deviations, random), center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
         return head[0]
@@ -162,24 +163,21 @@ class Relative(Decoupled):
 
 
 class _Selected(torch.autograd.Function):
-    """``mu + c * (deviations[drawn] - center)`` from the stored ``[mu, deviations]`` (``center``, their mean, and ``c``
-    are given without gradient), with L2 ``decay`` on ``mu``: :meth:`Decoupled.select`. ``drawn`` is the copy each
-    element takes: an index ``[1, n]``, or the CPU kernel's stream ``(state, constant)`` (:mod:`lightning_mk.native`).
-    The gradient is ``g + decay mu`` for ``mu`` and ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``, written into
-    one uninitialised tensor."""
+    """``mu + c * (deviations[index] - center)`` from the stored ``[mu, deviations]`` (``center``, their mean, and ``c``
+    are given without gradient; ``index``: the copy each element takes, ``[1, n]``), with L2 ``decay`` on ``mu``:
+    :meth:`Decoupled.select` in stock ops, where the CPU kernel does not run (:func:`~lightning_mk.native.select_around`
+    is the same node). The gradient is ``g + decay mu`` for ``mu`` and ``grad_scale c g (onehot_i - 1/k)`` for deviation
+    ``i``, written into one uninitialised tensor."""
 
     @staticmethod
-    def forward(stored: Tensor, drawn, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
-        if not isinstance(drawn, Tensor):  # the same operations in one pass
-            return native.select_around(stored[1:], *drawn, center, c, stored[0])
+    def forward(stored: Tensor, index: Tensor, center: Tensor, c: Tensor, decay: Optional[Tensor], grad_scale: float) -> Tensor:
         flat = stored.reshape(len(stored), -1)
-        return flat[1:].gather(0, drawn).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0]).view(stored.shape[1:])
+        return flat[1:].gather(0, index).view(-1).sub_(center.view(-1)).mul_(c).add_(flat[0]).view(stored.shape[1:])
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-        stored, drawn, center, c, decay, grad_scale = inputs
-        ctx.stream = None if isinstance(drawn, Tensor) else drawn
-        ctx.save_for_backward(stored, c, decay, drawn if ctx.stream is None else None)
+        stored, index, center, c, decay, grad_scale = inputs
+        ctx.save_for_backward(stored, c, decay, index)
         ctx.grad_scale = grad_scale
 
     @staticmethod
@@ -188,8 +186,6 @@ class _Selected(torch.autograd.Function):
         k, scale = len(stored) - 1, c * ctx.grad_scale
         if torch.is_grad_enabled():  # a double backward (create_graph): differentiable ops only
             g, mu = grad.reshape(1, -1), stored[0].reshape(1, -1)
-            if index is None:
-                index = native.index(*ctx.stream, k, g.numel()).view(1, -1)
             offset = g * scale  # the gradient of the chosen deviation
             mu_grad = g if decay is None else g + decay.to(g.dtype) * mu
             deviations_grad = offset.new_zeros(k, offset.shape[1]).scatter_add(0, index, offset) - offset / k
@@ -199,12 +195,10 @@ class _Selected(torch.autograd.Function):
             stored_grad[0] = grad
         else:
             torch.addcmul(grad, decay.to(grad.dtype), stored[0], out=stored_grad[0])
-        if index is None:  # the same operations in one pass
-            native.select_around_backward(stored_grad[1:], grad, scale, *ctx.stream)
-        else:  # offset - offset/k at the drawn copy, -offset/k at the others
-            offset, rows = grad.reshape(1, -1) * scale, stored_grad[1:].view(k, -1)
-            torch.mul(offset.expand(k, -1), -1 / k, out=rows)
-            rows.scatter_add_(0, index, offset)
+        # offset - offset/k at the drawn copy, -offset/k at the others
+        offset, rows = grad.reshape(1, -1) * scale, stored_grad[1:].view(k, -1)
+        torch.mul(offset.expand(k, -1), -1 / k, out=rows)
+        rows.scatter_add_(0, index, offset)
         return stored_grad, None, None, None, None, None
 
 
@@ -318,12 +312,10 @@ def _mean(rows: Tensor) -> Tensor:
 def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
-        size = _rms(mu)
         if not torch.compiler.is_compiling() and native.handles(deviations):
-            spread = native.centered_norm(deviations, center) / math.sqrt(deviations.numel())  # no [k, *S] difference (compiled, inductor fuses it)
-        else:
-            spread = _rms(deviations - center)
-        return size / spread.clamp_min(1e-6 * size).clamp_min(1e-30)
+            return native.normaliser(mu, deviations, center)  # one op, no [k, *S] difference (compiled, inductor fuses it)
+        size = _rms(mu)
+        return size / _rms(deviations - center).clamp_min(1e-6 * size).clamp_min(1e-30)
 
 
 def _rms(x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ data movement. The kernel decodes the draw block by block (bit for bit that of
 copy in the forward and writes the gradient's one-hot rows in one pass in the backward. For the decoupled forms
 (the callback's default) it also centres, scales and adds ``mu`` in the forward's pass and writes the deviations'
 gradient in the backward's (the stock ops' values bit for bit), and the relative form's noise scale reads the
-deviations' spread in one pass (:func:`centered_norm`).
+deviations' spread in one pass (:func:`normaliser`).
 
 It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
 ``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in CPU training, eager and compiled (one op
@@ -82,9 +82,8 @@ def _load() -> bool:
         lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
     torch.library.register_fake("lightning_mk::stream_state")(lambda state: torch.empty_like(state))
     torch.library.register_fake("lightning_mk::select_around")(
-        lambda copies, state, constant, center, c, mu: copies.new_empty(copies.shape[1:]))
-    torch.library.register_fake("lightning_mk::select_around_backward")(lambda out, grad, scale, state, constant: None)
-    torch.library.register_fake("lightning_mk::centered_norm")(lambda rows, center: rows.new_empty(()))
+        lambda stored, state, constant, center, c, decay, grad_scale: stored.new_empty(stored.shape[1:]))
+    torch.library.register_fake("lightning_mk::normaliser")(lambda mu, rows, center: rows.new_empty(()))
     return True
 
 
@@ -95,24 +94,21 @@ def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
     return torch.ops.lightning_mk.select(copies, state, constant)
 
 
-def select_around(copies: Tensor, state: Tensor, constant: int, center: Tensor, c: Tensor, mu: Tensor) -> Tensor:
-    """``(select(copies) - center) * c + mu`` in one pass, no autograd (``center`` and ``mu``: ``[*S]``, ``c``: one value),
-    each operation rounded as the stock ops' (the same values): the decoupled forms' training kernel."""
-    return torch.ops.lightning_mk.select_around(copies, state, constant, center, c, mu)
+def select_around(stored: Tensor, state: Tensor, constant: int, center: Tensor, c: Tensor, decay: Optional[Tensor],
+                  grad_scale: float) -> Tensor:
+    """The decoupled forms' training kernel ``mu + c (deviations[i_j, j] - center_j)`` from the stored ``[mu, deviations]``
+    (``[k + 1, *S]``; ``center``: ``[*S]``, ``c``: one value, no gradient), ``i`` :func:`select`'s draw, in one pass, each
+    operation rounded as the stock ops' (the same values). Its autograd node (C++, with its own copy of ``state``) writes
+    the stored tensor's gradient in one pass: ``g + decay mu`` for ``mu`` (``decay`` None: ``g``) and
+    ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``."""
+    return torch.ops.lightning_mk.select_around(stored, state, constant, center, c, decay, grad_scale)
 
 
-def select_around_backward(out: Tensor, grad: Tensor, scale: Tensor, state: Tensor, constant: int) -> None:
-    """Write into the contiguous ``[k, *S]`` tensor ``out`` the gradient of :func:`select_around`'s copies, the centre's
-    share included, times ``scale`` (one value): ``o - o/k`` at the copy element ``j`` took and ``-o/k`` at the others,
-    ``o = grad * scale``. One pass, no autograd."""
-    torch.ops.lightning_mk.select_around_backward(out, grad, scale, state, constant)
-
-
-def centered_norm(rows: Tensor, center: Tensor) -> Tensor:
-    """``torch.linalg.vector_norm(rows - center)`` of the ``[k, *S]`` CPU tensor ``rows`` without the ``[k, *S]``
-    difference (summed in fixed blocks, in a fixed order: equal to the stock ops' to rounding, and the same for any
-    number of threads)."""
-    return torch.ops.lightning_mk.centered_norm(rows, center)
+def normaliser(mu: Tensor, rows: Tensor, center: Tensor) -> Tensor:
+    """The relative form's noise scale ``RMS(mu) / RMS(rows - center)`` (at most 1e6) of the ``[k, *S]`` CPU tensor ``rows``
+    in one op, without the ``[k, *S]`` difference (squares summed in fixed blocks, in a fixed order: the stock ops' value
+    to rounding, and the same for any number of threads)."""
+    return torch.ops.lightning_mk.normaliser(mu, rows, center)
 
 
 def stream_state(state: Tensor) -> Tensor:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_mk.forms import Decoupled, get_form
+from lightning_mk import native
+from lightning_mk.forms import Decoupled, Form, get_form
 from lightning_mk.schemes import Batch, Random, Select, get_scheme
 from lightning_mk.settings import Settings
 
@@ -175,6 +176,12 @@ class MajorityKernel(nn.Module):
         self._select = (isinstance(self._form, Decoupled) and type(self._form).sample is Decoupled.sample
                         and type(self._scheme).combine is Select.combine)
         self.key = draws.key(index)
+        # the rows themselves drawn by Select.combine, as they are: in eager CPU training at the plain noise level the
+        # whole training kernel is the CPU kernel's one op (its stream constant fixed, as Select makes one request)
+        form = type(self._form)
+        self._direct = (form.split is Form.split and form.rows is Form.rows and form.sample is Form.sample
+                        and type(self._scheme).combine is Select.combine and self.grad_scale == 1.0)
+        self._constant = Random(self.key, draws.state).stream()
         self._cache: Optional[tuple] = None
 
     traceable = True  # False: run eagerly under torch.compile (a graph break per kernel)
@@ -190,24 +197,27 @@ class MajorityKernel(nn.Module):
     def _kernel(self, stored: Tensor) -> Tensor:
         if not self.training:
             return self._deployed(stored)
+        draws = self.draws
+        if self._direct and not (draws.noisy or draws._decay or torch.compiler.is_compiling()) and native.handles(stored):
+            return native.select(stored, draws.state, self._constant)  # what the general composition below computes
         # a re-parametrisation trains its deployed kernel; at zero noise the draw is the eval kernel: skip it
         # (compiled, the draw stays: one graph for every level)
-        if not self._form.random or (self.draws._noise == 0 and not torch.compiler.is_compiling()):
+        if not self._form.random or (draws._noise == 0 and not torch.compiler.is_compiling()):
             return self._form.deployed(*self._form.split(stored))
-        random = Random(self.key, self.draws.state, self.draws.batch)
+        random = Random(self.key, draws.state, draws.batch)
         if self._select and not torch.compiler.is_compiling():  # compiled, inductor fuses the general composition
-            decay = self.draws.decay if self.draws._decay else None
-            return self._form.select(stored, self._scheme, random, self.draws.level, decay, self.grad_scale)
+            decay = draws.decay if draws._decay else None
+            return self._form.select(stored, self._scheme, random, draws.level, decay, self.grad_scale)
         head, rows = self._form.split(stored)
         if self.grad_scale != 1.0:
             rows = _ScaleGrad.apply(rows, self.grad_scale)
         kernel = self._form.sample(head, rows, self._scheme.combine(rows, random))
-        if self.draws.noisy or self.draws._decay:
+        if draws.noisy or draws._decay:
             deployed = self._form.deployed(head, rows)  # once: the copies form averages k rows for it
-            if self.draws.noisy:
-                kernel = torch.lerp(deployed, kernel, self.draws.level.to(kernel.dtype))
-            if self.draws._decay:
-                kernel = _Decay.apply(kernel, deployed, self.draws.decay)
+            if draws.noisy:
+                kernel = torch.lerp(deployed, kernel, draws.level.to(kernel.dtype))
+            if draws._decay:
+                kernel = _Decay.apply(kernel, deployed, draws.decay)
         return kernel
 
     def right_inverse(self, value: Tensor) -> Tensor:

@@ -206,10 +206,10 @@ class Select(Scheme):
 
     def stream(self, copies: Tensor, random: Random) -> Optional[tuple[Tensor, int]]:
         """Where the CPU kernel draws (copies on the CPU, the kernel built): its stream, ``(state, constant)``, whose
-        draw is :meth:`index`'s; otherwise None. The state is a copy (:func:`~lightning_mk.native.stream_state`):
-        another training forward may move the model's on before this one's backward."""
+        draw is :meth:`index`'s; otherwise None. The state is the model's (eager: the kernel's autograd node keeps a
+        copy, as another training forward may move the model's on before this one's backward)."""
         if native.handles(copies):
-            return native.stream_state(random.state), random.stream()
+            return random.state, random.stream()
         return None
 
     def index(self, copies: Tensor, random: Random) -> Tensor:

@@ -153,10 +153,10 @@ def test_compiled_graphs_call_the_kernel_and_train_as_the_stock_graphs(monkeypat
 @pytest.mark.parametrize("decay", [None, 0.01])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(transposed, decay, k, dtype):
-    """Decoupled/relative train ``select`` through one autograd node (``_Selected``): given the kernel's stream
-    rather than an index, its fused forward (draw, centre, scale, mu) and backward (the deviations' rows in one
-    pass) give the kernel and the gradient of the stored tensor the stock ops give, bit for bit in every dtype,
-    also for a non-contiguous incoming gradient (a linear layer's is a transposed view)."""
+    """Decoupled/relative train ``select`` through one autograd node: the CPU kernel's (C++, given the kernel's stream)
+    and the stock ops' (``_Selected``, given the stream's index) give the same kernel and gradient of the stored tensor,
+    bit for bit in every dtype, also for a non-contiguous incoming gradient (a linear layer's is a transposed view);
+    the kernel's node keeps the draw's state (the model's may move on before the backward)."""
     from lightning_mk.forms import _mean, _Selected
 
     stored = torch.randn(k + 1, 30, 67, dtype=dtype, requires_grad=True)
@@ -164,33 +164,50 @@ def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(tr
     decay = None if decay is None else torch.tensor(decay)
     grad = torch.randn(67, 30, dtype=dtype).t() if transposed else torch.randn(30, 67, dtype=dtype)
     index = native.index(STATE, 99, k, 30 * 67).view(1, -1)
-    results = []
-    for drawn in (index, (STATE.clone(), 99)):
-        kernel = _Selected.apply(stored, drawn, center, c, decay, 2.0)
-        results.append((kernel, *torch.autograd.grad(kernel, stored, grad)))
+    state = STATE.clone()
+    kernels = [_Selected.apply(stored, index, center, c, decay, 2.0), native.select_around(stored, state, 99, center, c, decay, 2.0)]
+    state.add_(1)
+    results = [(kernel, *torch.autograd.grad(kernel, stored, grad)) for kernel in kernels]
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_the_default_forms_kernel_node_differentiates_twice():
+    """The CPU kernel's node for the decoupled forms, differentiated with create_graph: the stock ops' second-order
+    gradient (decay included, through ``mu``)."""
+    from lightning_mk.forms import _mean, _Selected
+
+    stored = torch.randn(5, 6, 7, dtype=torch.float64, requires_grad=True)
+    center, c, decay = _mean(stored[1:].detach()), torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+    index = native.index(STATE, 5, 4, 42).view(1, -1)
+    weight = torch.randn(6, 7, dtype=torch.float64)
+    second = []
+    for kernel in (_Selected.apply(stored, index, center, c, decay, 2.0), native.select_around(stored, STATE, 5, center, c, decay, 2.0)):
+        (first,) = torch.autograd.grad((kernel * weight).sum(), stored, create_graph=True)
+        second.append(torch.autograd.grad(first.pow(2).sum(), stored))
+    assert torch.equal(second[0][0], second[1][0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_the_relative_forms_spread_is_the_norm_of_the_difference_for_any_thread_count(dtype):
-    """The relative form's noise scale reads RMS(deviations - centre) from one kernel pass (no ``[k, *S]``
-    difference): the norm of the difference as the stock ops compute it, to rounding, and the same with one
-    thread or two."""
+def test_the_relative_forms_noise_scale_is_one_op_the_same_for_any_thread_count(dtype):
+    """The relative form's noise scale RMS(mu) / RMS(deviations - centre) from one kernel op (no ``[k, *S]`` difference):
+    the value of the formula in double, to rounding, and the same with one thread or two; 1e6 for equal deviations."""
     from lightning_mk.forms import _mean
 
-    rows = torch.randn(4, 50_000, dtype=dtype) * 3 + 1
+    rows, mu = torch.randn(4, 50_000, dtype=dtype) * 3 + 1, torch.randn(50_000, dtype=dtype)
     center = _mean(rows)
-    exact = torch.linalg.vector_norm((rows - center).double())
+    exact = mu.double().pow(2).mean().sqrt() / (rows.double() - center.double()).pow(2).mean().sqrt()
     threads = torch.get_num_threads()
     try:
         got = []
         for count in (1, 2):
             torch.set_num_threads(count)
-            got.append(native.centered_norm(rows, center))
+            got.append(native.normaliser(mu, rows, center))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got[0], got[1]) and got[0].dtype == dtype
     torch.testing.assert_close(got[0].double(), exact.to(dtype).double(), rtol=1e-6, atol=0)
+    equal = rows[:1].expand(4, -1).contiguous()
+    assert native.normaliser(mu, equal, _mean(equal)).item() == pytest.approx(1e6, rel=1e-2)
 
 
 def test_the_relative_forms_noise_scale_is_the_stock_ops_to_rounding(monkeypatch):

@@ -3,7 +3,7 @@
 // never stored; the gradient is written as k one-hot rows in one pass (no zero-fill, no index, no scatter).
 // The kernels move bits: elements are handled as unsigned integers of their size, blended by masks. The decoupled
 // forms' variants (select_around, its backward) add their arithmetic in the same pass, each operation rounded as the
-// stock ops' (built with -ffp-contract=off), and centered_norm gives the relative form's spread in one pass.
+// stock ops' (built with -ffp-contract=off), and normaliser gives the relative form's noise scale in one pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -244,15 +244,17 @@ void check_row(const at::Tensor& row, int64_t n, const at::Tensor& like, const c
               " values of dtype ", like.scalar_type(), ", got ", row.sizes(), " of ", row.scalar_type());
 }
 
-// The decoupled forms' training kernel: (copies[i_j, j] - center_j) * c + mu_j, each operation rounded to the
-// dtype as the stock ops' (sub_, mul_, add_): the same values, in one pass rather than four.
-at::Tensor select_around(const at::Tensor& copies, const at::Tensor& state, int64_t constant, const at::Tensor& center,
-                         const at::Tensor& c, const at::Tensor& mu) {
-  const auto kn = rows_of(copies, "select: copies");
-  const int64_t k = kn.first, n = kn.second;
-  const auto src = copies.contiguous(), middle = center.contiguous(), base = mu.contiguous();
+// The decoupled forms' training kernel from the stored [mu, deviations] ([k + 1, *S]): (deviations[i_j, j] - center_j)
+// * c + mu_j, each operation rounded to the dtype as the stock ops' (sub_, mul_, add_): the same values, in one pass
+// rather than four. decay and grad_scale shape its gradient only (SelectAround).
+at::Tensor select_around(const at::Tensor& stored, const at::Tensor& state, int64_t constant, const at::Tensor& center,
+                         const at::Tensor& c, const std::optional<at::Tensor>& decay, double grad_scale) {
+  TORCH_CHECK(stored.dim() >= 1 && stored.size(0) >= 2, "select: stored must be [k + 1, *S] with k >= 1, got ",
+              stored.sizes());
+  const auto whole = stored.contiguous();
+  const auto src = whole.narrow(0, 1, whole.size(0) - 1), base = whole.select(0, 0), middle = center.contiguous();
+  const int64_t k = src.size(0), n = base.numel();
   check_row(middle, n, src, "center");
-  check_row(base, n, src, "mu");
   TORCH_CHECK(c.numel() == 1, "select: c must be one value, got ", c.sizes());
   const Draw d(state, constant, k);
   auto out = at::empty(src.sizes().slice(1), src.options());
@@ -275,8 +277,8 @@ at::Tensor select_around(const at::Tensor& copies, const at::Tensor& state, int6
 
 // select_around's gradient of the copies into the contiguous [k, *S] out: with o = grad * scale and p = o * (-1/k),
 // o + p at element j's copy and p at the others, each operation rounded as the stock ops' (one pass, no autograd).
-void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& state,
-                            int64_t constant) {
+void select_around_backward(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale,
+                            const at::Tensor& state, int64_t constant) {
   const auto kn = rows_of(out, "select: out");
   const int64_t k = kn.first, n = kn.second;
   TORCH_CHECK(out.is_contiguous(), "select: out must be contiguous");
@@ -299,26 +301,31 @@ void select_around_backward(at::Tensor& out, const at::Tensor& grad, const at::T
   });
 }
 
-// The squares of rows - center summed over elements j0 .. j0 + m of the [k, n] rows: each difference rounded to T as
-// the stock subtraction, squares summed in 16 lanes (independent sums, so that the loop is vectorised rather than one
-// long chain; float, double for double), the lanes in order.
-template <typename T>
+// The squares of rows - center (CENTERED; else of the rows) summed over elements j0 .. j0 + m of the [k, n] rows: each
+// difference rounded to T as the stock subtraction, squares summed in 16 lanes (independent sums, so that the loop is
+// vectorised rather than one long chain; float, double for double), the lanes in order.
+template <typename T, bool CENTERED>
 VECTORISED
 double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0, int64_t m) {
   using acc = at::opmath_type<T>;
   constexpr int64_t LANES = 16;  // BLOCK is a multiple
+  const auto value = [&](const T* __restrict__ row, int64_t t) {
+    if constexpr (CENTERED)
+      return static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(ctr[j0 + t])));
+    else
+      return static_cast<acc>(row[t]);
+  };
   acc lanes[LANES] = {};
   for (int64_t r = 0; r < k; ++r) {
     const T* __restrict__ row = x + r * n + j0;
-    const T* __restrict__ mid = ctr + j0;
     int64_t t = 0;
     for (; t + LANES <= m; t += LANES)
       for (int64_t l = 0; l < LANES; ++l) {
-        const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t + l]) - static_cast<acc>(mid[t + l])));
+        const acc v = value(row, t + l);
         lanes[l] += v * v;
       }
     for (; t < m; ++t) {
-      const acc v = static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(mid[t])));
+      const acc v = value(row, t);
       lanes[t % LANES] += v * v;
     }
   }
@@ -327,27 +334,39 @@ double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0,
   return total;
 }
 
-// ||rows - center|| of [k, *S] rows (the relative form's spread) without their [k, *S] difference: the blocks' sums
-// (block_squares) added in double and in order, so that the result does not depend on the number of threads.
-at::Tensor centered_norm(const at::Tensor& rows, const at::Tensor& center) {
-  const auto kn = rows_of(rows, "centered_norm: rows");
-  const int64_t k = kn.first, n = kn.second;
-  const auto src = rows.contiguous(), middle = center.contiguous();
+// The sum of squares of the contiguous [k, n] x (minus center, if given, in each row): the blocks' sums (block_squares)
+// added in double and in order, so that the result does not depend on the number of threads.
+template <typename T>
+double sum_squares(const T* x, const T* center, int64_t k, int64_t n) {
   const int64_t count = (n + BLOCK - 1) / BLOCK;
-  check_row(middle, n, src, "center");
   std::vector<double> partial(count);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "centered_norm", [&] {
-    using T = scalar_t;
-    const T* x = src.const_data_ptr<T>();
-    const T* ctr = middle.const_data_ptr<T>();
-    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b)
-        partial[b] = block_squares<T>(x, ctr, k, n, b * BLOCK, std::min(BLOCK, n - b * BLOCK));
-    });
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
+      partial[b] = center ? block_squares<T, true>(x, center, k, n, j0, m) : block_squares<T, false>(x, nullptr, k, n, j0, m);
+    }
   });
   double total = 0;
   for (const double v : partial) total += v;
-  return at::scalar_tensor(std::sqrt(total), src.options());
+  return total;
+}
+
+// The relative form's noise scale RMS(mu) / RMS(rows - center), at most 1e6 (equal rows give no noise), without the
+// [k, *S] difference: forms._normaliser in one op (the stock ops' value to rounding, the same for any number of threads).
+at::Tensor normaliser(const at::Tensor& mu, const at::Tensor& rows, const at::Tensor& center) {
+  const auto kn = rows_of(rows, "normaliser: rows");
+  const int64_t k = kn.first, n = kn.second;
+  const auto src = rows.contiguous(), middle = center.contiguous(), base = mu.contiguous();
+  check_row(middle, n, src, "center");
+  check_row(base, n, src, "mu");
+  double size = 0, spread = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "normaliser", [&] {
+    using T = scalar_t;
+    size = std::sqrt(sum_squares<T>(base.const_data_ptr<T>(), nullptr, 1, n) / static_cast<double>(n));
+    spread = std::sqrt(sum_squares<T>(src.const_data_ptr<T>(), middle.const_data_ptr<T>(), k, n) /
+                       static_cast<double>(k * n));
+  });
+  return at::scalar_tensor(size / std::max({spread, 1e-6 * size, 1e-30}), src.options());
 }
 
 at::Tensor select_index(const at::Tensor& state, int64_t constant, int64_t high, int64_t n) {
@@ -407,6 +426,54 @@ at::Tensor select_autograd(const at::Tensor& copies, const at::Tensor& state, in
   return Select::apply(copies, state, constant);
 }
 
+// select_around with its gradient: g + decay mu for mu and grad_scale c g (onehot_i - 1/k) for deviation i, written
+// into one uninitialised tensor (forms.Decoupled.select; forms._Selected is the same node with an index, of stock ops).
+class SelectAround : public torch::autograd::Function<SelectAround> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& stored, const at::Tensor& state,
+                            int64_t constant, const at::Tensor& center, const at::Tensor& c,
+                            const std::optional<at::Tensor>& decay, double grad_scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["constant"] = constant;
+    ctx->saved_data["state"] = state.clone();  // the draw's, should the model's state move on before the backward
+    ctx->saved_data["grad_scale"] = grad_scale;
+    ctx->save_for_backward({stored, c, decay.value_or(at::Tensor())});
+    return select_around(stored, state, constant, center, c, decay, grad_scale);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &stored = saved[0], &c = saved[1], &decay = saved[2];
+    const auto state = ctx->saved_data["state"].toTensor();
+    const int64_t constant = ctx->saved_data["constant"].toInt(), k = stored.size(0) - 1;
+    const auto scale = c * ctx->saved_data["grad_scale"].toDouble();
+    const auto& grad = grads[0];
+    if (at::GradMode::is_enabled()) {  // a double backward (create_graph): differentiable ops only
+      const auto g = grad.reshape({1, -1}), mu = stored[0].reshape({1, -1});
+      const auto index = call_select_index(state, constant, k, g.numel()).view({1, -1});
+      const auto offset = g * scale;  // the gradient of the chosen deviation
+      const auto mu_grad = decay.defined() ? g + decay.to(g.scalar_type()) * mu : g;
+      const auto rows = at::zeros({k, offset.size(1)}, offset.options()).scatter_add(0, index, offset) - offset / k;
+      return {at::cat({mu_grad, rows}).view(stored.sizes()), {}, {}, {}, {}, {}, {}};
+    }
+    auto stored_grad = at::empty(stored.sizes(), grad.options());
+    auto head = stored_grad.select(0, 0);
+    if (decay.defined())
+      at::addcmul_out(head, grad, decay.to(grad.scalar_type()), stored.select(0, 0));
+    else
+      head.copy_(grad);
+    select_around_backward(stored_grad.narrow(0, 1, k), grad, scale, state, constant);
+    return {stored_grad, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor select_around_autograd(const at::Tensor& stored, const at::Tensor& state, int64_t constant,
+                                  const at::Tensor& center, const at::Tensor& c, const std::optional<at::Tensor>& decay,
+                                  double grad_scale) {
+  return SelectAround::apply(stored, state, constant, center, c, decay, grad_scale);
+}
+
 // A copy of the step's state, as an op of its own: compiled, the copy is saved for the backward (a clone would be
 // recomputed there from the model's state, which a later training forward moves on in place).
 at::Tensor stream_state(const at::Tensor& state) { return state.clone(); }
@@ -418,9 +485,9 @@ TORCH_LIBRARY(lightning_mk, m) {
   m.def("select_backward(Tensor grad, Tensor state, int constant, int k) -> Tensor");
   m.def("select_index(Tensor state, int constant, int high, int n) -> Tensor");
   m.def("stream_state(Tensor state) -> Tensor");
-  m.def("select_around(Tensor copies, Tensor state, int constant, Tensor center, Tensor c, Tensor mu) -> Tensor");
-  m.def("select_around_backward(Tensor(a!) out, Tensor grad, Tensor scale, Tensor state, int constant) -> ()");
-  m.def("centered_norm(Tensor rows, Tensor center) -> Tensor");
+  m.def("select_around(Tensor stored, Tensor state, int constant, Tensor center, Tensor c, Tensor? decay, float grad_scale) "
+        "-> Tensor");
+  m.def("normaliser(Tensor mu, Tensor rows, Tensor center) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
@@ -429,10 +496,10 @@ TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
   m.impl("select_index", &select_index);
   m.impl("stream_state", &stream_state);
   m.impl("select_around", &select_around);
-  m.impl("select_around_backward", &select_around_backward);
-  m.impl("centered_norm", &centered_norm);
+  m.impl("normaliser", &normaliser);
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, Autograd, m) {
   m.impl("select", &select_autograd);
+  m.impl("select_around", &select_around_autograd);
 }

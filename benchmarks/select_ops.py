@@ -78,7 +78,7 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
         relative["lightning_mk CPU kernel: centre, normaliser, select_around and its backward"] = lambda: default(
-            lambda center: native.select_around(stored, state, 0, center, c, None, 1.0),
+            lambda center: native.select_around(stored, state, 0, c, False, None, 1.0),
             lambda rows, center: native.normaliser(stored.detach()[0], rows, center))
     return {
         "index": index_ways,

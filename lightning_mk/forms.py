@@ -114,17 +114,20 @@ class Decoupled(Form):
     def select(self, stored: Tensor, scheme: Select, random: Random, level: Tensor, decay: Optional[Tensor],
                grad_scale: float) -> Tensor:
         """:meth:`sample` of the ``select`` scheme's combination (the CPU kernel's draw of ``scheme.stream``, or
-        ``scheme.index``: the copy each element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the training kernel as one autograd
-        node, whose backward writes the stored tensor's gradient in one pass (the general composition writes and sums
-        several of its size); the deviations' gradients times ``grad_scale``."""
+        ``scheme.index``: the copy each element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the
+        training kernel as one autograd node, whose backward writes the stored tensor's gradient in one pass (the general
+        composition writes and sums several of its size); the deviations' gradients times ``grad_scale``. The CPU kernel
+        computes the centre, and the relative form's noise scale, in its own passes."""
         with torch.no_grad():  # the stored tensor is split here only, with no autograd node
             mu, deviations = self.split(stored)
-            center = _mean(deviations)
-            scale, level = self.scale(mu[0], deviations, center), level.to(stored.dtype)
+            level = level.to(stored.dtype)
+            stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or None
+            built_in = type(self).scale in (Decoupled.scale, Relative.scale)
+            center = None if stream is not None and built_in else _mean(deviations)
+            scale = None if built_in and stream is not None else self.scale(mu[0], deviations, center)
         c = level if scale is None else level * scale
-        stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or None
         if stream is not None:
-            return native.select_around(stored, *stream, center, c, decay, grad_scale)
+            return native.select_around(stored, *stream, c, built_in and type(self).scale is Relative.scale, decay, grad_scale)
         return _Selected.apply(stored, scheme.index(deviations, random), center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:

@@ -5,9 +5,9 @@ backward, zero-fills the ``[k, n]`` gradient before scattering into it: several 
 data movement. The kernel decodes the draw block by block (bit for bit that of
 :meth:`~lightning_mk.schemes.Random.integers`, so every guarantee of the draw holds unchanged), picks the chosen
 copy in the forward and writes the gradient's one-hot rows in one pass in the backward. For the decoupled forms
-(the callback's default) it also centres, scales and adds ``mu`` in the forward's pass and writes the deviations'
-gradient in the backward's (the stock ops' values bit for bit), and the relative form's noise scale reads the
-deviations' spread in one pass (:func:`normaliser`).
+(the callback's default) one C++ autograd node (:func:`select_around`) also centres, scales and adds ``mu`` in the
+forward's pass and writes the stored tensor's gradient in the backward's (the stock ops' values bit for bit up to
+k = 4); the relative form's noise scale reads mu and the deviations in one pass of its own (to rounding).
 
 It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
 ``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in CPU training, eager and compiled (one op
@@ -82,7 +82,7 @@ def _load() -> bool:
         lambda state, constant, high, count: state.new_empty(count, dtype=torch.int64))
     torch.library.register_fake("lightning_mk::stream_state")(lambda state: torch.empty_like(state))
     torch.library.register_fake("lightning_mk::select_around")(
-        lambda stored, state, constant, center, c, decay, grad_scale: stored.new_empty(stored.shape[1:]))
+        lambda stored, state, constant, c, normalise, decay, grad_scale: stored.new_empty(stored.shape[1:]))
     torch.library.register_fake("lightning_mk::normaliser")(lambda mu, rows, center: rows.new_empty(()))
     return True
 
@@ -94,14 +94,15 @@ def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
     return torch.ops.lightning_mk.select(copies, state, constant)
 
 
-def select_around(stored: Tensor, state: Tensor, constant: int, center: Tensor, c: Tensor, decay: Optional[Tensor],
+def select_around(stored: Tensor, state: Tensor, constant: int, c: Tensor, normalise: bool, decay: Optional[Tensor],
                   grad_scale: float) -> Tensor:
-    """The decoupled forms' training kernel ``mu + c (deviations[i_j, j] - center_j)`` from the stored ``[mu, deviations]``
-    (``[k + 1, *S]``; ``center``: ``[*S]``, ``c``: one value, no gradient), ``i`` :func:`select`'s draw, in one pass, each
-    operation rounded as the stock ops' (the same values). Its autograd node (C++, with its own copy of ``state``) writes
-    the stored tensor's gradient in one pass: ``g + decay mu`` for ``mu`` (``decay`` None: ``g``) and
-    ``grad_scale c g (onehot_i - 1/k)`` for deviation ``i``."""
-    return torch.ops.lightning_mk.select_around(stored, state, constant, center, c, decay, grad_scale)
+    """The decoupled forms' training kernel ``mu + f (deviations[i_j, j] - center_j)`` from the stored ``[mu, deviations]``
+    (``[k + 1, *S]``), ``center`` the deviations' mean, ``i`` :func:`select`'s draw and ``f = c`` (one value, no gradient)
+    times, where ``normalise``, the relative form's noise scale (:func:`normaliser`), computed in a first pass; each
+    operation rounded as the stock ops' (their values up to k = 4, the noise scale to rounding). Its autograd node (C++,
+    with its own copy of ``state``) writes the stored tensor's gradient in one pass: ``g + decay mu`` for ``mu``
+    (``decay`` None: ``g``) and ``grad_scale f g (onehot_i - 1/k)`` for deviation ``i``."""
+    return torch.ops.lightning_mk.select_around(stored, state, constant, c, normalise, decay, grad_scale)
 
 
 def normaliser(mu: Tensor, rows: Tensor, center: Tensor) -> Tensor:

@@ -179,8 +179,9 @@ class MajorityKernel(nn.Module):
         # the rows themselves drawn by Select.combine, as they are: in eager CPU training at the plain noise level the
         # whole training kernel is the CPU kernel's one op (its stream constant fixed, as Select makes one request)
         form = type(self._form)
-        self._direct = (form.split is Form.split and form.rows is Form.rows and form.sample is Form.sample
-                        and type(self._scheme).combine is Select.combine and self.grad_scale == 1.0)
+        self._direct = (self._form.random and form.split is Form.split and form.rows is Form.rows
+                        and form.sample is Form.sample and type(self._scheme).combine is Select.combine
+                        and self.grad_scale == 1.0)
         self._constant = Random(self.key, draws.state).stream()
         self._cache: Optional[tuple] = None
 

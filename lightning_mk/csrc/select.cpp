@@ -244,35 +244,143 @@ void check_row(const at::Tensor& row, int64_t n, const at::Tensor& like, const c
               " values of dtype ", like.scalar_type(), ", got ", row.sizes(), " of ", row.scalar_type());
 }
 
-// The decoupled forms' training kernel from the stored [mu, deviations] ([k + 1, *S]): (deviations[i_j, j] - center_j)
-// * c + mu_j, each operation rounded to the dtype as the stock ops' (sub_, mul_, add_): the same values, in one pass
-// rather than four. decay and grad_scale shape its gradient only (SelectAround).
-at::Tensor select_around(const at::Tensor& stored, const at::Tensor& state, int64_t constant, const at::Tensor& center,
-                         const at::Tensor& c, const std::optional<at::Tensor>& decay, double grad_scale) {
+// The squares of rows - mid (CENTERED: mid holds elements j0 .. j0 + m; else of the rows) summed over elements j0 .. j0 +
+// m of the [k, n] rows: each difference rounded to T as the stock subtraction, squares summed in 16 lanes (independent
+// sums, so that the loop is vectorised rather than one long chain; float, double for double), the lanes in order.
+template <typename T, bool CENTERED>
+VECTORISED
+double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n, int64_t j0, int64_t m) {
+  using acc = at::opmath_type<T>;
+  constexpr int64_t LANES = 16;  // BLOCK is a multiple
+  const auto value = [&](const T* __restrict__ row, int64_t t) {
+    if constexpr (CENTERED)
+      return static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(mid[t])));
+    else
+      return static_cast<acc>(row[t]);
+  };
+  acc lanes[LANES] = {};
+  for (int64_t r = 0; r < k; ++r) {
+    const T* __restrict__ row = x + r * n + j0;
+    int64_t t = 0;
+    for (; t + LANES <= m; t += LANES)
+      for (int64_t l = 0; l < LANES; ++l) {
+        const acc v = value(row, t + l);
+        lanes[l] += v * v;
+      }
+    for (; t < m; ++t) {
+      const acc v = value(row, t);
+      lanes[t % LANES] += v * v;
+    }
+  }
+  double total = 0;
+  for (const acc v : lanes) total += v;
+  return total;
+}
+
+// mid[0 : m] = the mean of the [k, n] rows over elements j0 .. j0 + m, as forms._mean: the sum (in order, in the
+// accumulation type, rounded to T) divided by k and rounded to T (the stock sum's order up to k = 4; above, to rounding)
+template <typename T>
+VECTORISED
+void block_center(const T* x, int64_t k, int64_t n, int64_t j0, int64_t m, T* __restrict__ mid) {
+  using acc = at::opmath_type<T>;
+  acc sum[BLOCK];
+  for (int64_t t = 0; t < m; ++t) sum[t] = static_cast<acc>(x[j0 + t]);
+  for (int64_t r = 1; r < k; ++r) {
+    const T* __restrict__ row = x + r * n + j0;
+    for (int64_t t = 0; t < m; ++t) sum[t] += static_cast<acc>(row[t]);
+  }
+  const acc count = static_cast<acc>(k);
+  for (int64_t t = 0; t < m; ++t) mid[t] = static_cast<T>(static_cast<acc>(static_cast<T>(sum[t])) / count);
+}
+
+// RMS(mu) / RMS(rows - center), at most 1e6 (equal rows give no noise), from the sums of squares
+double scale_of(double mu_squares, double spread_squares, int64_t k, int64_t n) {
+  const double size = std::sqrt(mu_squares / static_cast<double>(n));
+  const double spread = std::sqrt(spread_squares / static_cast<double>(k * n));
+  return size / std::max({spread, 1e-6 * size, 1e-30});
+}
+
+// The relative form's noise scale RMS(mu) / RMS(rows - center) of [k, *S] rows, without the [k, *S] difference:
+// forms._normaliser in one op. The blocks' sums (block_squares) are added in double and in order: the stock ops' value
+// to rounding, the same for any number of threads.
+at::Tensor normaliser(const at::Tensor& mu, const at::Tensor& rows, const at::Tensor& center) {
+  const auto kn = rows_of(rows, "normaliser: rows");
+  const int64_t k = kn.first, n = kn.second, count = (n + BLOCK - 1) / BLOCK;
+  const auto src = rows.contiguous(), middle = center.contiguous(), base = mu.contiguous();
+  check_row(middle, n, src, "center");
+  check_row(base, n, src, "mu");
+  std::vector<double> sizes(count), spreads(count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "normaliser", [&] {
+    using T = scalar_t;
+    const T *x = src.const_data_ptr<T>(), *ctr = middle.const_data_ptr<T>(), *m0 = base.const_data_ptr<T>();
+    at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
+        sizes[b] = block_squares<T, false>(m0, nullptr, 1, n, j0, m);
+        spreads[b] = block_squares<T, true>(x, ctr + j0, k, n, j0, m);
+      }
+    });
+  });
+  double size = 0, spread = 0;
+  for (int64_t b = 0; b < count; ++b) size += sizes[b], spread += spreads[b];
+  return at::scalar_tensor(scale_of(size, spread, k, n), src.options());
+}
+
+// The decoupled forms' training kernel from the stored [mu, deviations] ([k + 1, *S]): mu_j + f (deviations[i_j, j] -
+// center_j), center their mean (block_center), f = c, times the relative form's noise scale where normalise (the
+// deviations' and mu's squares read in a first pass), each operation rounded to the dtype as the stock ops'
+// (_mean, sub_, mul_, add_): their values up to k = 4 (the noise scale to rounding), in one pass for the kernel rather
+// than five. Returns the kernel and f (one value of the dtype, for the gradient).
+std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, const at::Tensor& state, int64_t constant,
+                                                     const at::Tensor& c, bool normalise) {
   TORCH_CHECK(stored.dim() >= 1 && stored.size(0) >= 2, "select: stored must be [k + 1, *S] with k >= 1, got ",
               stored.sizes());
-  const auto whole = stored.contiguous();
-  const auto src = whole.narrow(0, 1, whole.size(0) - 1), base = whole.select(0, 0), middle = center.contiguous();
-  const int64_t k = src.size(0), n = base.numel();
-  check_row(middle, n, src, "center");
   TORCH_CHECK(c.numel() == 1, "select: c must be one value, got ", c.sizes());
+  const auto whole = stored.contiguous();
+  const auto src = whole.narrow(0, 1, whole.size(0) - 1), base = whole.select(0, 0);
+  const int64_t k = src.size(0), n = base.numel(), count = (n + BLOCK - 1) / BLOCK;
   const Draw d(state, constant, k);
   auto out = at::empty(src.sizes().slice(1), src.options());
+  auto factor = c.to(src.scalar_type()).reshape({});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "select_around", [&] {
     using T = scalar_t;
     using acc = at::opmath_type<T>;
     using U = bits_of<T>;
-    const acc factor = c.item<acc>();
-    const T* ctr = middle.const_data_ptr<T>();
+    const T* x = src.const_data_ptr<T>();
     const T* m0 = base.const_data_ptr<T>();
+    if (normalise) {
+      std::vector<double> sizes(count), spreads(count);
+      at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+        T mid[BLOCK];
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
+          block_center<T>(x, k, n, j0, m, mid);
+          sizes[b] = block_squares<T, false>(m0, nullptr, 1, n, j0, m);
+          spreads[b] = block_squares<T, true>(x, mid, k, n, j0, m);
+        }
+      });
+      double size = 0, spread = 0;
+      for (int64_t b = 0; b < count; ++b) size += sizes[b], spread += spreads[b];
+      const T scale = static_cast<T>(scale_of(size, spread, k, n));  // the stock ops' c = level * scale, in T
+      factor = at::scalar_tensor(static_cast<acc>(factor.item<T>()) * static_cast<acc>(scale), factor.options());
+    }
+    const acc f = factor.item<acc>();
     T* dst = out.mutable_data_ptr<T>();
     blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) {
+      T mid[BLOCK];
       T* __restrict__ o = dst + j0;
-      blend<U>(static_cast<const U*>(src.const_data_ptr()), reinterpret_cast<U*>(o), idx, k, n, j0, m);
-      around<T>(o, ctr + j0, m0 + j0, factor, m);
+      block_center<T>(x, k, n, j0, m, mid);
+      blend<U>(reinterpret_cast<const U*>(x), reinterpret_cast<U*>(o), idx, k, n, j0, m);
+      around<T>(o, mid, m0 + j0, f, m);
     });
   });
-  return out;
+  return {out, factor};
+}
+
+// select_around_impl's kernel as an op (the gradient's arguments, decay and grad_scale, are SelectAround's)
+at::Tensor select_around(const at::Tensor& stored, const at::Tensor& state, int64_t constant, const at::Tensor& c,
+                         bool normalise, const std::optional<at::Tensor>& decay, double grad_scale) {
+  return select_around_impl(stored, state, constant, c, normalise).first;
 }
 
 // select_around's gradient of the copies into the contiguous [k, *S] out: with o = grad * scale and p = o * (-1/k),
@@ -299,74 +407,6 @@ void select_around_backward(const at::Tensor& out, const at::Tensor& grad, const
       one_hot<U>(reinterpret_cast<const U*>(picked), reinterpret_cast<const U*>(rest), dst, idx, k, n, j0, m);
     });
   });
-}
-
-// The squares of rows - center (CENTERED; else of the rows) summed over elements j0 .. j0 + m of the [k, n] rows: each
-// difference rounded to T as the stock subtraction, squares summed in 16 lanes (independent sums, so that the loop is
-// vectorised rather than one long chain; float, double for double), the lanes in order.
-template <typename T, bool CENTERED>
-VECTORISED
-double block_squares(const T* x, const T* ctr, int64_t k, int64_t n, int64_t j0, int64_t m) {
-  using acc = at::opmath_type<T>;
-  constexpr int64_t LANES = 16;  // BLOCK is a multiple
-  const auto value = [&](const T* __restrict__ row, int64_t t) {
-    if constexpr (CENTERED)
-      return static_cast<acc>(static_cast<T>(static_cast<acc>(row[t]) - static_cast<acc>(ctr[j0 + t])));
-    else
-      return static_cast<acc>(row[t]);
-  };
-  acc lanes[LANES] = {};
-  for (int64_t r = 0; r < k; ++r) {
-    const T* __restrict__ row = x + r * n + j0;
-    int64_t t = 0;
-    for (; t + LANES <= m; t += LANES)
-      for (int64_t l = 0; l < LANES; ++l) {
-        const acc v = value(row, t + l);
-        lanes[l] += v * v;
-      }
-    for (; t < m; ++t) {
-      const acc v = value(row, t);
-      lanes[t % LANES] += v * v;
-    }
-  }
-  double total = 0;
-  for (const acc v : lanes) total += v;
-  return total;
-}
-
-// The sum of squares of the contiguous [k, n] x (minus center, if given, in each row): the blocks' sums (block_squares)
-// added in double and in order, so that the result does not depend on the number of threads.
-template <typename T>
-double sum_squares(const T* x, const T* center, int64_t k, int64_t n) {
-  const int64_t count = (n + BLOCK - 1) / BLOCK;
-  std::vector<double> partial(count);
-  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
-      partial[b] = center ? block_squares<T, true>(x, center, k, n, j0, m) : block_squares<T, false>(x, nullptr, k, n, j0, m);
-    }
-  });
-  double total = 0;
-  for (const double v : partial) total += v;
-  return total;
-}
-
-// The relative form's noise scale RMS(mu) / RMS(rows - center), at most 1e6 (equal rows give no noise), without the
-// [k, *S] difference: forms._normaliser in one op (the stock ops' value to rounding, the same for any number of threads).
-at::Tensor normaliser(const at::Tensor& mu, const at::Tensor& rows, const at::Tensor& center) {
-  const auto kn = rows_of(rows, "normaliser: rows");
-  const int64_t k = kn.first, n = kn.second;
-  const auto src = rows.contiguous(), middle = center.contiguous(), base = mu.contiguous();
-  check_row(middle, n, src, "center");
-  check_row(base, n, src, "mu");
-  double size = 0, spread = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "normaliser", [&] {
-    using T = scalar_t;
-    size = std::sqrt(sum_squares<T>(base.const_data_ptr<T>(), nullptr, 1, n) / static_cast<double>(n));
-    spread = std::sqrt(sum_squares<T>(src.const_data_ptr<T>(), middle.const_data_ptr<T>(), k, n) /
-                       static_cast<double>(k * n));
-  });
-  return at::scalar_tensor(size / std::max({spread, 1e-6 * size, 1e-30}), src.options());
 }
 
 at::Tensor select_index(const at::Tensor& state, int64_t constant, int64_t high, int64_t n) {
@@ -426,28 +466,29 @@ at::Tensor select_autograd(const at::Tensor& copies, const at::Tensor& state, in
   return Select::apply(copies, state, constant);
 }
 
-// select_around with its gradient: g + decay mu for mu and grad_scale c g (onehot_i - 1/k) for deviation i, written
+// select_around with its gradient: g + decay mu for mu and grad_scale f g (onehot_i - 1/k) for deviation i, written
 // into one uninitialised tensor (forms.Decoupled.select; forms._Selected is the same node with an index, of stock ops).
 class SelectAround : public torch::autograd::Function<SelectAround> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& stored, const at::Tensor& state,
-                            int64_t constant, const at::Tensor& center, const at::Tensor& c,
+                            int64_t constant, const at::Tensor& c, bool normalise,
                             const std::optional<at::Tensor>& decay, double grad_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    auto [kernel, factor] = select_around_impl(stored, state, constant, c, normalise);
     ctx->saved_data["constant"] = constant;
     ctx->saved_data["state"] = state.clone();  // the draw's, should the model's state move on before the backward
     ctx->saved_data["grad_scale"] = grad_scale;
-    ctx->save_for_backward({stored, c, decay.value_or(at::Tensor())});
-    return select_around(stored, state, constant, center, c, decay, grad_scale);
+    ctx->save_for_backward({stored, factor, decay.value_or(at::Tensor())});
+    return kernel;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &stored = saved[0], &c = saved[1], &decay = saved[2];
+    const auto &stored = saved[0], &factor = saved[1], &decay = saved[2];
     const auto state = ctx->saved_data["state"].toTensor();
     const int64_t constant = ctx->saved_data["constant"].toInt(), k = stored.size(0) - 1;
-    const auto scale = c * ctx->saved_data["grad_scale"].toDouble();
+    const auto scale = factor * ctx->saved_data["grad_scale"].toDouble();
     const auto& grad = grads[0];
     if (at::GradMode::is_enabled()) {  // a double backward (create_graph): differentiable ops only
       const auto g = grad.reshape({1, -1}), mu = stored[0].reshape({1, -1});
@@ -468,10 +509,9 @@ class SelectAround : public torch::autograd::Function<SelectAround> {
   }
 };
 
-at::Tensor select_around_autograd(const at::Tensor& stored, const at::Tensor& state, int64_t constant,
-                                  const at::Tensor& center, const at::Tensor& c, const std::optional<at::Tensor>& decay,
-                                  double grad_scale) {
-  return SelectAround::apply(stored, state, constant, center, c, decay, grad_scale);
+at::Tensor select_around_autograd(const at::Tensor& stored, const at::Tensor& state, int64_t constant, const at::Tensor& c,
+                                  bool normalise, const std::optional<at::Tensor>& decay, double grad_scale) {
+  return SelectAround::apply(stored, state, constant, c, normalise, decay, grad_scale);
 }
 
 // A copy of the step's state, as an op of its own: compiled, the copy is saved for the backward (a clone would be
@@ -485,8 +525,8 @@ TORCH_LIBRARY(lightning_mk, m) {
   m.def("select_backward(Tensor grad, Tensor state, int constant, int k) -> Tensor");
   m.def("select_index(Tensor state, int constant, int high, int n) -> Tensor");
   m.def("stream_state(Tensor state) -> Tensor");
-  m.def("select_around(Tensor stored, Tensor state, int constant, Tensor center, Tensor c, Tensor? decay, float grad_scale) "
-        "-> Tensor");
+  m.def("select_around(Tensor stored, Tensor state, int constant, Tensor c, bool normalise, Tensor? decay, "
+        "float grad_scale) -> Tensor");
   m.def("normaliser(Tensor mu, Tensor rows, Tensor center) -> Tensor");
 }
 

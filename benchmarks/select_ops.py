@@ -12,7 +12,7 @@ callback's default form (``relative``) around the same draw: its centre, its noi
 ``mu + c (deviations[i] - centre)`` and the stored tensor's gradient through its autograd node, with stock ops
 (``forms._Selected``) and with the kernel. For each step and kernel size (elements) this prints the median time of each
 implementation over ``--rounds`` interleaved rounds. All implementations of a step are checked to give the same
-tensors before they are timed (for ``default``: the kernel and the gradient; the noise scale is equal to rounding only).
+tensors before they are timed (for ``default`` to 1e-3: the kernel sums the noise scale in another order).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from lightning_mk import native
-from lightning_mk.forms import _mean, _rms, _Selected
+from lightning_mk.forms import _mean, _rms_ratio, _Selected
 from lightning_mk.schemes import _mix, _split, _words
 
 
@@ -60,26 +60,26 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
         drawn = _split(words, width)[:n].view(1, n)
         return copies.gather(0, drawn).view(-1), copies.new_zeros(k, n).scatter_add_(0, drawn, grad)
 
-    stored, c = torch.randn(k + 1, n, device=device, requires_grad=True), torch.tensor(0.3, device=device)
+    stored, level = torch.randn(k + 1, n, device=device, requires_grad=True), torch.tensor(0.3, device=device)
 
-    def default(node: Callable, scale: Callable) -> tuple[torch.Tensor, ...]:
-        deviations = stored.detach()[1:]
+    def default(kernel: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = kernel()
+        return out.detach(), *torch.autograd.grad(out, stored, grad.view(-1))
+
+    def stock_default() -> torch.Tensor:  # what the library runs where the kernel does not
+        mu, deviations = stored.detach()[0], stored.detach()[1:]
         center = _mean(deviations)
-        scale(deviations, center)  # the noise scale (the same c below, so that the results compare)
-        kernel = node(center)
-        return kernel.detach(), *torch.autograd.grad(kernel, stored, grad.view(-1))
+        c = level * _rms_ratio(mu, deviations - center)
+        return _Selected.apply(stored, _split(words, width)[:n].view(1, n), center, c, None, 1.0)
 
     whole = {"stock: the index, gather, zeros and scatter_add_": stock}
-    relative = {"stock: centre, noise scale, gather, in-place ops, mul and scatter_add_": lambda: default(
-        lambda center: _Selected.apply(stored, _split(words, width)[:n].view(1, n), center, c, None, 1.0),
-        lambda rows, center: _rms(stored.detach()[0]) / _rms(rows - center))}
+    relative = {"stock: centre, noise scale, gather, in-place ops, mul and scatter_add_": lambda: default(stock_default)}
     if device.type == "cpu" and native.available():  # the hashes above are the stream 0 (state 0, constant 0)
         state = torch.zeros((), dtype=torch.int64)
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
-        relative["lightning_mk CPU kernel: centre, normaliser, select_around and its backward"] = lambda: default(
-            lambda center: native.select_around(stored, state, 0, c, False, None, 1.0),
-            lambda rows, center: native.normaliser(stored.detach()[0], rows, center))
+        relative["lightning_mk CPU kernel: select_around (noise scale, then centre and draw) and its backward"] = lambda: default(
+            lambda: native.select_around(stored, state, 0, level, True, None, 1.0))
     return {
         "index": index_ways,
         "forward": {
@@ -115,7 +115,12 @@ def main() -> None:
             results = {name: (lambda out: out if isinstance(out, tuple) else (out,))(way()) for name, way in ways.items()}
             first = next(iter(results.values()))
             for name, result in results.items():
-                if not all(map(torch.equal, result, first)):
+                if step == "default":  # the noise scale summed in another order (the kernel's in double; a million
+                    # float32 squares summed by the stock norm were 1e-5 off their exact sum)
+                    for got, expected in zip(result, first):
+                        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3,
+                                                   msg=f"{step}: {name!r} differs from {next(iter(results))!r}")
+                elif not all(map(torch.equal, result, first)):
                     raise AssertionError(f"{step}: {name!r} differs from {next(iter(results))!r}")
             repeats = max(1, (1 << 22) // n)  # about 4M elements per timing
             times: dict[str, list[float]] = {name: [] for name in ways}

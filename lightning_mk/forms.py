@@ -317,8 +317,13 @@ def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     with torch.no_grad():
         if not torch.compiler.is_compiling() and native.handles(deviations):
             return native.normaliser(mu, deviations, center)  # one op, no [k, *S] difference (compiled, inductor fuses it)
-        size = _rms(mu)
-        return size / _rms(deviations - center).clamp_min(1e-6 * size).clamp_min(1e-30)
+        return _rms_ratio(mu, deviations - center)
+
+
+def _rms_ratio(mu: Tensor, offsets: Tensor) -> Tensor:
+    """RMS(mu) / RMS(offsets), at most 1e6, in stock ops."""
+    size = _rms(mu)
+    return size / _rms(offsets).clamp_min(1e-6 * size).clamp_min(1e-30)
 
 
 def _rms(x: Tensor) -> Tensor:

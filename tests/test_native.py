@@ -183,7 +183,7 @@ def test_the_relative_forms_node_computes_its_noise_scale_as_the_stock_ops(k, dt
     """With ``normalise`` the kernel's node multiplies ``c`` by the relative form's noise scale, computed in its own pass:
     the stock composition (``_mean``, ``_normaliser`` in stock ops, ``_Selected``) to rounding, kernel and gradient, and
     the same for any number of threads."""
-    from lightning_mk.forms import _mean, _rms, _Selected
+    from lightning_mk.forms import _mean, _rms_ratio, _Selected
 
     stored = torch.randn(k + 1, 40, 1001, dtype=torch.float64)
     stored[1:] *= 0.05
@@ -191,8 +191,7 @@ def test_the_relative_forms_node_computes_its_noise_scale_as_the_stock_ops(k, dt
     level, decay, grad = torch.tensor(0.3, dtype=dtype), torch.tensor(0.01), torch.randn(40, 1001, dtype=dtype)
     mu, deviations = stored[0].detach(), stored[1:].detach()
     center = _mean(deviations)
-    size = _rms(mu)
-    c = level * (size / _rms(deviations - center).clamp_min(1e-6 * size).clamp_min(1e-30))
+    c = level * _rms_ratio(mu, deviations - center)
     index = native.index(STATE, 7, k, 40 * 1001).view(1, -1)
     stock = _Selected.apply(stored, index, center, c, decay, 2.0)
     expected = (stock, *torch.autograd.grad(stock, stored, grad))

@@ -73,13 +73,14 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
         return _Selected.apply(stored, _split(words, width)[:n].view(1, n), center, c, None, 1.0)
 
     whole = {"stock: the index, gather, zeros and scatter_add_": stock}
-    relative = {"stock: centre, noise scale, gather, in-place ops, mul and scatter_add_": lambda: default(stock_default)}
+    relative = {"stock: centre, noise scale, gather, in-place ops, mul and scatter_add_": lambda: default(
+        stock_default)}
     if device.type == "cpu" and native.available():  # the hashes above are the stream 0 (state 0, constant 0)
         state = torch.zeros((), dtype=torch.int64)
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
-        relative["lightning_mk CPU kernel: select_around (noise scale, then centre and draw) and its backward"] = lambda: default(
-            lambda: native.select_around(stored, state, 0, level, True, None, 1.0))
+        node = "lightning_mk CPU kernel: select_around (noise scale, then centre and draw) and its backward"
+        relative[node] = lambda: default(lambda: native.select_around(stored, state, 0, level, True, None, 1.0))
     return {
         "index": index_ways,
         "forward": {

@@ -115,19 +115,20 @@ class Decoupled(Form):
                grad_scale: float) -> Tensor:
         """:meth:`sample` of the ``select`` scheme's combination (the CPU kernel's draw of ``scheme.stream``, or
         ``scheme.index``: the copy each element takes) at noise ``level``, with L2 ``decay`` (None: none) on ``mu``: the
-        training kernel as one autograd node, whose backward writes the stored tensor's gradient in one pass (the general
-        composition writes and sums several of its size); the deviations' gradients times ``grad_scale``. The CPU kernel
-        computes the centre, and the relative form's noise scale, in its own passes."""
+        training kernel as one autograd node, whose backward writes the stored tensor's gradient in one pass (the
+        general composition writes and sums several of its size); the deviations' gradients times ``grad_scale``. The
+        CPU kernel computes the centre, and the relative form's noise scale, in its own passes."""
         with torch.no_grad():  # the stored tensor is split here only, with no autograd node
             mu, deviations = self.split(stored)
             level = level.to(stored.dtype)
             stream = scheme.stream(deviations, random)  # the CPU kernel's draw, or None
-            built_in = type(self).scale in (Decoupled.scale, Relative.scale)
-            center = None if stream is not None and built_in else _mean(deviations)
-            scale = None if built_in and stream is not None else self.scale(mu[0], deviations, center)
+            own = type(self).scale not in (Decoupled.scale, Relative.scale)  # a subclass's scale, by stock ops
+            normalise = stream is not None and type(self).scale is Relative.scale  # in the kernel's own pass
+            center = _mean(deviations) if stream is None or own else None
+            scale = None if normalise else self.scale(mu[0], deviations, center)
         c = level if scale is None else level * scale
         if stream is not None:
-            return native.select_around(stored, *stream, c, built_in and type(self).scale is Relative.scale, decay, grad_scale)
+            return native.select_around(stored, *stream, c, normalise, decay, grad_scale)
         return _Selected.apply(stored, scheme.index(deviations, random), center, c, decay, grad_scale)
 
     def deployed(self, head: Tensor, rows: Tensor) -> Tensor:
@@ -316,7 +317,7 @@ def _normaliser(mu: Tensor, deviations: Tensor, center: Tensor) -> Tensor:
     """RMS(mu) / RMS(deviations - center), a constant to autograd (at most 1e6: equal deviations give no noise)."""
     with torch.no_grad():
         if not torch.compiler.is_compiling() and native.handles(deviations):
-            return native.normaliser(mu, deviations, center)  # one op, no [k, *S] difference (compiled, inductor fuses it)
+            return native.normaliser(mu, deviations, center)  # no [k, *S] difference (compiled, inductor fuses it)
         return _rms_ratio(mu, deviations - center)
 
 

@@ -96,19 +96,19 @@ def select(copies: Tensor, state: Tensor, constant: int) -> Tensor:
 
 def select_around(stored: Tensor, state: Tensor, constant: int, c: Tensor, normalise: bool, decay: Optional[Tensor],
                   grad_scale: float) -> Tensor:
-    """The decoupled forms' training kernel ``mu + f (deviations[i_j, j] - center_j)`` from the stored ``[mu, deviations]``
-    (``[k + 1, *S]``), ``center`` the deviations' mean, ``i`` :func:`select`'s draw and ``f = c`` (one value, no gradient)
-    times, where ``normalise``, the relative form's noise scale (:func:`normaliser`), computed in a first pass; each
-    operation rounded as the stock ops' (their values up to k = 4, the noise scale to rounding). Its autograd node (C++,
-    with its own copy of ``state``) writes the stored tensor's gradient in one pass: ``g + decay mu`` for ``mu``
-    (``decay`` None: ``g``) and ``grad_scale f g (onehot_i - 1/k)`` for deviation ``i``."""
+    """The decoupled forms' training kernel ``mu + f (deviations[i_j, j] - center_j)`` from the stored
+    ``[mu, deviations]`` (``[k + 1, *S]``), ``center`` the deviations' mean, ``i`` :func:`select`'s draw and ``f = c``
+    (one value, no gradient) times, where ``normalise``, the relative form's noise scale (:func:`normaliser`), computed
+    in a first pass; each operation rounded as the stock ops' (their values up to k = 4, the noise scale to rounding).
+    Its autograd node (C++, with its own copy of ``state``) writes the stored tensor's gradient in one pass:
+    ``g + decay mu`` for ``mu`` (``decay`` None: ``g``) and ``grad_scale f g (onehot_i - 1/k)`` for deviation ``i``."""
     return torch.ops.lightning_mk.select_around(stored, state, constant, c, normalise, decay, grad_scale)
 
 
 def normaliser(mu: Tensor, rows: Tensor, center: Tensor) -> Tensor:
-    """The relative form's noise scale ``RMS(mu) / RMS(rows - center)`` (at most 1e6) of the ``[k, *S]`` CPU tensor ``rows``
-    in one op, without the ``[k, *S]`` difference (squares summed in fixed blocks, in a fixed order: the stock ops' value
-    to rounding, and the same for any number of threads)."""
+    """The relative form's noise scale ``RMS(mu) / RMS(rows - center)`` (at most 1e6) of the ``[k, *S]`` CPU tensor
+    ``rows`` in one op, without the ``[k, *S]`` difference (squares summed in fixed blocks, in a fixed order: the stock
+    ops' value to rounding, and the same for any number of threads)."""
     return torch.ops.lightning_mk.normaliser(mu, rows, center)
 
 

@@ -199,8 +199,9 @@ class MajorityKernel(nn.Module):
         if not self.training:
             return self._deployed(stored)
         draws = self.draws
-        if self._direct and not (draws.noisy or draws._decay or torch.compiler.is_compiling()) and native.handles(stored):
-            return native.select(stored, draws.state, self._constant)  # what the general composition below computes
+        direct = self._direct and not (draws.noisy or draws._decay or torch.compiler.is_compiling())
+        if direct and native.handles(stored):  # what the general composition below computes, as one op
+            return native.select(stored, draws.state, self._constant)
         # a re-parametrisation trains its deployed kernel; at zero noise the draw is the eval kernel: skip it
         # (compiled, the draw stays: one graph for every level)
         if not self._form.random or (draws._noise == 0 and not torch.compiler.is_compiling()):

@@ -180,9 +180,9 @@ def test_the_default_forms_one_node_draws_and_differentiates_as_with_an_index(tr
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 4, 5])
 def test_the_relative_forms_node_computes_its_noise_scale_as_the_stock_ops(k, dtype):
-    """With ``normalise`` the kernel's node multiplies ``c`` by the relative form's noise scale, computed in its own pass:
-    the stock composition (``_mean``, ``_normaliser`` in stock ops, ``_Selected``) to rounding, kernel and gradient, and
-    the same for any number of threads."""
+    """With ``normalise`` the kernel's node multiplies ``c`` by the relative form's noise scale, computed in its own
+    pass: the stock composition (``_mean``, ``_rms_ratio``, ``_Selected``) to rounding, kernel and gradient, and the
+    same for any number of threads."""
     from lightning_mk.forms import _mean, _rms_ratio, _Selected
 
     stored = torch.randn(k + 1, 40, 1001, dtype=torch.float64)
@@ -217,8 +217,9 @@ def test_the_relative_forms_node_computes_its_noise_scale_as_the_stock_ops(k, dt
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_relative_forms_noise_scale_is_one_op_the_same_for_any_thread_count(dtype):
-    """The relative form's noise scale RMS(mu) / RMS(deviations - centre) from one kernel op (no ``[k, *S]`` difference):
-    the value of the formula in double, to rounding, and the same with one thread or two; 1e6 for equal deviations."""
+    """The relative form's noise scale RMS(mu) / RMS(deviations - centre) from one kernel op (no ``[k, *S]``
+    difference): the value of the formula in double, to rounding, and the same with one thread or two; 1e6 for equal
+    deviations."""
     from lightning_mk.forms import _mean
 
     rows, mu = torch.randn(4, 50_000, dtype=dtype) * 3 + 1, torch.randn(50_000, dtype=dtype)

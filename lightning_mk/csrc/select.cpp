@@ -244,9 +244,10 @@ void check_row(const at::Tensor& row, int64_t n, const at::Tensor& like, const c
               " values of dtype ", like.scalar_type(), ", got ", row.sizes(), " of ", row.scalar_type());
 }
 
-// The squares of rows - mid (CENTERED: mid holds elements j0 .. j0 + m; else of the rows) summed over elements j0 .. j0 +
-// m of the [k, n] rows: each difference rounded to T as the stock subtraction, squares summed in 16 lanes (independent
-// sums, so that the loop is vectorised rather than one long chain; float, double for double), the lanes in order.
+// The squares of rows - mid (CENTERED: mid holds elements j0 .. j0 + m; else of the rows) summed over elements
+// j0 .. j0 + m of the [k, n] rows: each difference rounded to T as the stock subtraction, squares summed in 16 lanes
+// (independent sums, so that the loop is vectorised rather than one long chain; float, double for double), the lanes
+// in order.
 template <typename T, bool CENTERED>
 VECTORISED
 double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n, int64_t j0, int64_t m) {
@@ -278,7 +279,8 @@ double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n
 }
 
 // mid[0 : m] = the mean of the [k, n] rows over elements j0 .. j0 + m, as forms._mean: the sum (in order, in the
-// accumulation type, rounded to T) divided by k and rounded to T (the stock sum's order up to k = 4; above, to rounding)
+// accumulation type, rounded to T) divided by k and rounded to T (the stock sum's order up to k = 4; above, to
+// rounding)
 template <typename T>
 VECTORISED
 void block_center(const T* x, int64_t k, int64_t n, int64_t j0, int64_t m, T* __restrict__ mid) {
@@ -331,8 +333,8 @@ at::Tensor normaliser(const at::Tensor& mu, const at::Tensor& rows, const at::Te
 // deviations' and mu's squares read in a first pass), each operation rounded to the dtype as the stock ops'
 // (_mean, sub_, mul_, add_): their values up to k = 4 (the noise scale to rounding), in one pass for the kernel rather
 // than five. Returns the kernel and f (one value of the dtype, for the gradient).
-std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, const at::Tensor& state, int64_t constant,
-                                                     const at::Tensor& c, bool normalise) {
+std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, const at::Tensor& state,
+                                                     int64_t constant, const at::Tensor& c, bool normalise) {
   TORCH_CHECK(stored.dim() >= 1 && stored.size(0) >= 2, "select: stored must be [k + 1, *S] with k >= 1, got ",
               stored.sizes());
   TORCH_CHECK(c.numel() == 1, "select: c must be one value, got ", c.sizes());

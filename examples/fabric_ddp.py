@@ -63,6 +63,7 @@ def main() -> None:
         with torch.no_grad():
             accuracy = (small(x).argmax(1) == y).float().mean().item()
         print(f"small model ({sum(p.numel() for p in small.parameters()):,} parameters): test accuracy {accuracy:.4f}; saved to {path}")
+    fabric.barrier()  # every rank tears down together: rank zero hosts the store the others still talk to
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the process at interpreter exit
 

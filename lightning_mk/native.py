@@ -84,6 +84,10 @@ def _load() -> bool:
     torch.library.register_fake("lightning_mk::select_around")(
         lambda stored, state, constant, c, normalise, decay, grad_scale: stored.new_empty(stored.shape[1:]))
     torch.library.register_fake("lightning_mk::normaliser")(lambda mu, rows, center: rows.new_empty(()))
+    torch.library.register_fake("lightning_mk::select_around_forward")(
+        lambda stored, state, constant, c, normalise: (stored.new_empty(stored.shape[1:]), c.new_empty((), dtype=stored.dtype)))
+    torch.library.register_fake("lightning_mk::select_around_backward")(
+        lambda grad, stored, scale, state, constant, decay: grad.new_empty(stored.shape))
     return True
 
 

@@ -207,7 +207,8 @@ class MajorityKernel(nn.Module):
         if not self._form.random or (draws._noise == 0 and not torch.compiler.is_compiling()):
             return self._form.deployed(*self._form.split(stored))
         random = Random(self.key, draws.state, draws.batch)
-        if self._select and not torch.compiler.is_compiling():  # compiled, inductor fuses the general composition
+        # compiled, the CPU kernel's node where it runs (elsewhere inductor fuses the general composition)
+        if self._select and (not torch.compiler.is_compiling() or native.handles(stored)):
             decay = draws.decay if draws._decay else None
             return self._form.select(stored, self._scheme, random, draws.level, decay, self.grad_scale)
         head, rows = self._form.split(stored)

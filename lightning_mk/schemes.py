@@ -197,19 +197,19 @@ class Select(Scheme):
     the draw, the gather and the gradient are one pass each (:mod:`lightning_mk.native`), with the same draws."""
 
     def combine(self, copies: Tensor, random: Random) -> Tensor:
-        if native.handles(copies):
-            # eager, the op's autograd node copies the state itself; compiled, the graph saves this copy
-            state = native.stream_state(random.state) if torch.compiler.is_compiling() else random.state
-            return native.select(copies, state, random.stream())
+        stream = self.stream(copies, random)
+        if stream is not None:
+            return native.select(copies, *stream)
         flat = copies.reshape(len(copies), -1)
         return flat.gather(0, self.index(copies, random)).view(copies.shape[1:])
 
     def stream(self, copies: Tensor, random: Random) -> Optional[tuple[Tensor, int]]:
         """Where the CPU kernel draws (copies on the CPU, the kernel built): its stream, ``(state, constant)``, whose
-        draw is :meth:`index`'s; otherwise None. The state is the model's (eager: the kernel's autograd node keeps a
-        copy, as another training forward may move the model's on before this one's backward)."""
+        draw is :meth:`index`'s; otherwise None. Eager, the state is the model's (the kernel's autograd node keeps a
+        copy, as another training forward may move the model's on before this one's backward); compiled, a copy
+        that the graph saves."""
         if native.handles(copies):
-            return random.state, random.stream()
+            return native.stream_state(random.state) if torch.compiler.is_compiling() else random.state, random.stream()
         return None
 
     def index(self, copies: Tensor, random: Random) -> Tensor:

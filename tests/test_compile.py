@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from lightning_mk import SCHEMES, apply_majority_kernels
+from lightning_mk import SCHEMES, MajorityKernelCallback, apply_majority_kernels
 from lightning_mk.experiments.models import MLP, ResNet, Transformer
 
 MODELS = {
@@ -40,14 +40,14 @@ def train(net, forward, shape, steps=20, anneal=False):
     return losses, outputs, graphs
 
 
-def compiled_and_eager(model, scheme, backend, form="copies", anneal=False):
+def compiled_and_eager(model, scheme, backend, form="copies", anneal=False, **options):
     build, shape = MODELS[model]
     torch.manual_seed(0)
     base = build()
     runs = []
     for compiled in (False, True):
         net = copy.deepcopy(base)
-        net.draws = apply_majority_kernels(net, k=4, scheme=scheme, form=form, seed=1).draws
+        net.draws = apply_majority_kernels(net, k=4, scheme=scheme, form=form, seed=1, **options).draws
         torch._dynamo.reset()
         counters.clear()
         forward = torch.compile(net, fullgraph=True, backend=backend) if compiled else net
@@ -76,6 +76,28 @@ def test_inductor_matches_eager_over_20_steps():
     (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", "select", "inductor")
     assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
     assert compiled == pytest.approx(eager, abs=1e-3)
+
+
+def test_the_callbacks_default_compiles_to_the_cpu_kernels_node():
+    """Compiled on the CPU, the callback's default (form relative at its ceiling noise level, its decay, scheme
+    select) trains through the kernel's one autograd node, as eager training does, not the general composition."""
+    settings = MajorityKernelCallback(k=4).settings
+    options = dict(noise=settings.noise, decay=settings.decay)
+    (eager, _, _), (compiled, _, graphs) = compiled_and_eager("mlp", settings.scheme, "inductor", settings.form, **options)
+    assert graphs[1] > 0 and graphs[-1] == graphs[1], f"recompiled after step 2: {graphs}"
+    assert compiled == pytest.approx(eager, abs=1e-3)
+
+    targets = set()
+
+    def recording(graph, inputs):
+        targets.update(str(node.target) for node in graph.graph.nodes)
+        return graph.forward
+
+    net = MODELS["mlp"][0]()
+    apply_majority_kernels(net, settings)
+    torch._dynamo.reset()
+    torch.compile(net.train(), fullgraph=True, backend=recording)(torch.randn(2, 16))
+    assert "lightning_mk.select_around" in targets, sorted(targets)
 
 
 def test_lightning_fits_a_compiled_module_with_fullgraph(tmp_path):

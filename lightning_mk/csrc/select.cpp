@@ -343,7 +343,7 @@ std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, c
   const int64_t k = src.size(0), n = base.numel(), count = (n + BLOCK - 1) / BLOCK;
   const Draw d(state, constant, k);
   auto out = at::empty(src.sizes().slice(1), src.options());
-  auto factor = c.to(src.scalar_type()).reshape({});
+  auto factor = c.to(src.scalar_type(), false, true).reshape({});  // a copy: an output of an op never aliases an input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "select_around", [&] {
     using T = scalar_t;
     using acc = at::opmath_type<T>;
@@ -387,8 +387,8 @@ at::Tensor select_around(const at::Tensor& stored, const at::Tensor& state, int6
 
 // select_around's gradient of the copies into the contiguous [k, *S] out: with o = grad * scale and p = o * (-1/k),
 // o + p at element j's copy and p at the others, each operation rounded as the stock ops' (one pass, no autograd).
-void select_around_backward(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale,
-                            const at::Tensor& state, int64_t constant) {
+void rows_grad(const at::Tensor& out, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& state,
+               int64_t constant) {
   const auto kn = rows_of(out, "select: out");
   const int64_t k = kn.first, n = kn.second;
   TORCH_CHECK(out.is_contiguous(), "select: out must be contiguous");
@@ -409,6 +409,27 @@ void select_around_backward(const at::Tensor& out, const at::Tensor& grad, const
       one_hot<U>(reinterpret_cast<const U*>(picked), reinterpret_cast<const U*>(rest), dst, idx, k, n, j0, m);
     });
   });
+}
+
+// select_around_impl as an op: the kernel and f
+std::tuple<at::Tensor, at::Tensor> select_around_forward(const at::Tensor& stored, const at::Tensor& state,
+                                                         int64_t constant, const at::Tensor& c, bool normalise) {
+  auto [kernel, factor] = select_around_impl(stored, state, constant, c, normalise);
+  return {kernel, factor};
+}
+
+// The stored tensor's gradient, [k + 1, *S] in one uninitialised tensor: grad (+ decay mu) for mu, rows_grad for the
+// deviations (scale: f times the gradient scale)
+at::Tensor select_around_backward(const at::Tensor& grad, const at::Tensor& stored, const at::Tensor& scale,
+                                  const at::Tensor& state, int64_t constant, const std::optional<at::Tensor>& decay) {
+  auto stored_grad = at::empty(stored.sizes(), grad.options());
+  auto head = stored_grad.select(0, 0);
+  if (decay.has_value() && decay->defined())
+    at::addcmul_out(head, grad, decay->to(grad.scalar_type()), stored.select(0, 0));
+  else
+    head.copy_(grad);
+  rows_grad(stored_grad.narrow(0, 1, stored.size(0) - 1), grad, scale, state, constant);
+  return stored_grad;
 }
 
 at::Tensor select_index(const at::Tensor& state, int64_t constant, int64_t high, int64_t n) {
@@ -436,6 +457,21 @@ at::Tensor call_select_index(const at::Tensor& state, int64_t constant, int64_t 
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lightning_mk::select_index", "")
       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t)>();
   return op.call(state, constant, high, n);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_select_around_forward(const at::Tensor& stored, const at::Tensor& state,
+                                                              int64_t constant, const at::Tensor& c, bool normalise) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lightning_mk::select_around_forward", "")
+      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&, bool)>();
+  return op.call(stored, state, constant, c, normalise);
+}
+
+at::Tensor call_select_around_backward(const at::Tensor& grad, const at::Tensor& stored, const at::Tensor& scale,
+                                       const at::Tensor& state, int64_t constant, const std::optional<at::Tensor>& decay) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lightning_mk::select_around_backward", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                        const std::optional<at::Tensor>&)>();
+  return op.call(grad, stored, scale, state, constant, decay);
 }
 
 // Autograd in C++: a Python autograd node costs more than the whole draw of a small kernel.
@@ -476,7 +512,7 @@ class SelectAround : public torch::autograd::Function<SelectAround> {
                             int64_t constant, const at::Tensor& c, bool normalise,
                             const std::optional<at::Tensor>& decay, double grad_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [kernel, factor] = select_around_impl(stored, state, constant, c, normalise);
+    auto [kernel, factor] = call_select_around_forward(stored, state, constant, c, normalise);
     ctx->saved_data["constant"] = constant;
     ctx->saved_data["state"] = state.clone();  // the draw's, should the model's state move on before the backward
     ctx->saved_data["grad_scale"] = grad_scale;
@@ -500,13 +536,8 @@ class SelectAround : public torch::autograd::Function<SelectAround> {
       const auto rows = at::zeros({k, offset.size(1)}, offset.options()).scatter_add(0, index, offset) - offset / k;
       return {at::cat({mu_grad, rows}).view(stored.sizes()), {}, {}, {}, {}, {}, {}};
     }
-    auto stored_grad = at::empty(stored.sizes(), grad.options());
-    auto head = stored_grad.select(0, 0);
-    if (decay.defined())
-      at::addcmul_out(head, grad, decay.to(grad.scalar_type()), stored.select(0, 0));
-    else
-      head.copy_(grad);
-    select_around_backward(stored_grad.narrow(0, 1, k), grad, scale, state, constant);
+    const auto stored_grad = call_select_around_backward(grad, stored, scale, state, constant,
+                                                         decay.defined() ? std::optional<at::Tensor>(decay) : std::nullopt);
     return {stored_grad, {}, {}, {}, {}, {}, {}};
   }
 };
@@ -530,6 +561,9 @@ TORCH_LIBRARY(lightning_mk, m) {
   m.def("select_around(Tensor stored, Tensor state, int constant, Tensor c, bool normalise, Tensor? decay, "
         "float grad_scale) -> Tensor");
   m.def("normaliser(Tensor mu, Tensor rows, Tensor center) -> Tensor");
+  m.def("select_around_forward(Tensor stored, Tensor state, int constant, Tensor c, bool normalise) -> (Tensor, Tensor)");
+  m.def("select_around_backward(Tensor grad, Tensor stored, Tensor scale, Tensor state, int constant, Tensor? decay) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
@@ -539,6 +573,8 @@ TORCH_LIBRARY_IMPL(lightning_mk, CPU, m) {
   m.impl("stream_state", &stream_state);
   m.impl("select_around", &select_around);
   m.impl("normaliser", &normaliser);
+  m.impl("select_around_forward", &select_around_forward);
+  m.impl("select_around_backward", &select_around_backward);
 }
 
 TORCH_LIBRARY_IMPL(lightning_mk, Autograd, m) {

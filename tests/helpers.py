@@ -1,6 +1,12 @@
-"""Tiny models and a Trainer factory shared by the tests (CPU, a few batches, no logger)."""
+"""Tiny models, a Trainer factory and a launcher of multi-process runs shared by the tests (CPU, a few batches, no
+logger)."""
+
+import os
+import signal
+import subprocess
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,3 +93,21 @@ def trainer(root, **kwargs) -> pl.Trainer:
     )
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def run_ranks(command: list, timeout: float, env: dict = None) -> subprocess.CompletedProcess:
+    """Run ``command``, a script that starts its other ranks as child processes, in a process group of its own,
+    with its output captured: past ``timeout`` seconds the whole group is killed, so that no rank outlives the test
+    (a rank that hangs keeps the output pipes open after rank zero has exited), and the test fails with the output
+    so far."""
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"not done within {timeout} s (rank zero's exit code: {process.returncode}); the ranks' output:\n"
+                    f"{stdout[-3000:]}\n{stderr[-5000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -2,13 +2,12 @@
 and checks what it wrote. Used by test_sharded.py (CPU, gloo) and gpu/test_sharded_gpu.py (CUDA)."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import TinyModule
+from helpers import TinyModule, run_ranks
 
 COPIES = 4 * 64 * 8  # net.0.weight's copies: k=4 of a 64x8 kernel
 
@@ -42,11 +41,11 @@ def mean_of_copies(state: dict) -> dict:
 
 def run_and_check(tmp_path, strategy: str, precision: str, accelerator: str, devices: int = 2, compiled: bool = False) -> None:
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_worker.py")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ)
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     command = [sys.executable, worker, str(tmp_path), strategy, precision, accelerator, str(devices)] + ["compile"] * compiled
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    done = run_ranks(command, timeout=540, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(devices)]

@@ -3,13 +3,12 @@ its own, with per_rank_noise; and with the noise level set from ranks' differing
 one small-model file, no recompiles after step 1."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ConvModule, NormModule, TinyModule
+from helpers import ConvModule, NormModule, TinyModule, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -28,9 +27,8 @@ pytestmark = pytest.mark.distributed
 )
 def test_ddp_two_cpu_processes(tmp_path, per_rank, precision, compiled, gap, form):
     worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     command = [sys.executable, worker, str(tmp_path), precision] + ["per_rank"] * per_rank + ["compile"] * compiled + ["gap"] * gap + ([form] if form else [])
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_ranks(command, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

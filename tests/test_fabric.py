@@ -2,12 +2,12 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import run_ranks
 from lightning_mk.experiments.models import MLP
 
 pytestmark = pytest.mark.distributed
@@ -17,7 +17,7 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_fabric_ddp_example(tmp_path):
     cmd = [sys.executable, EXAMPLE, "--devices", "2", "--epochs", "1", "--num-samples", "600", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    done = run_ranks(cmd, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     checksums = dict(re.findall(r"rank (\d): plain-model checksum (-?\d+\.\d{10})", done.stdout + done.stderr))
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], "ranks must end with identical weights"

@@ -4,7 +4,6 @@ without the callback, spawned workers, gradient accumulation, diverged runs, the
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from helpers import TinyModule, loader, trainer
+from helpers import TinyModule, loader, run_ranks, trainer
 from lightning_mk import MajorityKernelCallback
 
 HERE = os.path.dirname(__file__)
@@ -24,10 +23,8 @@ from lit import DenseNet, LitModule, RandomData  # noqa: E402
 
 
 def _hydra(script, *overrides, cwd=TEMPLATE):
-    done = subprocess.run(
-        [sys.executable, script, *overrides], cwd=cwd, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join([TEMPLATE, os.environ.get("PYTHONPATH", "")])),
-    )
+    done = run_ranks([sys.executable, script, *overrides], timeout=300, cwd=cwd,
+                     env=dict(os.environ, PYTHONPATH=os.pathsep.join([TEMPLATE, os.environ.get("PYTHONPATH", "")])))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -5,7 +5,6 @@ import itertools
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 import lightning_mk.experiments.run as app
+from helpers import run_ranks
 from lightning_mk import MajorityKernelCallback, copy_spread
 from lightning_mk.experiments.models import Classifier
 from lightning_mk.experiments.run import ConfigError, check_config, method_of, run, run_config
@@ -390,10 +390,8 @@ def test_submodular_from_a_saved_wide_model(tmp_path, monkeypatch):
 
 
 def _app(*args, cwd, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_mk.experiments.run", *args], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, "PYTHONPATH": EXAMPLES, **(env or {})}, timeout=300,
-    )
+    return run_ranks([sys.executable, "-m", "lightning_mk.experiments.run", *args], timeout=300, cwd=cwd,
+                     env={**os.environ, "PYTHONPATH": EXAMPLES, **(env or {})})
 
 
 def test_the_command_line_is_quiet_and_run_log_holds_the_run(tmp_path):

@@ -96,10 +96,10 @@ def trainer(root, **kwargs) -> pl.Trainer:
 
 
 def run_ranks(command: list, timeout: float, env: dict = None, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``command``, a script that starts its other ranks as child processes, in a process group of its own,
-    with its output captured: past ``timeout`` seconds the whole group is killed, so that no rank outlives the test
-    (a rank that hangs keeps the output pipes open after rank zero has exited), and the test fails with the output
-    so far."""
+    """Run ``command`` (a script, or a job that may start its other ranks as child processes) in a process group of
+    its own, with its output captured: past ``timeout`` seconds the whole group is killed, so that no rank outlives
+    the test (a rank that hangs keeps the output pipes open after rank zero has exited), and the test fails with the
+    output so far."""
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)

@@ -79,7 +79,7 @@ def implementations(k: int, n: int, device: torch.device) -> dict[str, dict[str,
         state = torch.zeros((), dtype=torch.int64)
         whole["lightning_mk CPU kernel: select and select_backward"] = lambda: (
             native.select(copies, state, 0), torch.ops.lightning_mk.select_backward(grad.view(-1), state, 0, k))
-        node = "lightning_mk CPU kernel: select_around (noise scale, then centre and draw) and its backward"
+        node = "lightning_mk CPU kernel: select_around (draw, centre and noise scale, then scale) and its backward"
         relative[node] = lambda: default(lambda: native.select_around(stored, state, 0, level, True, None, 1.0))
     return {
         "index": index_ways,

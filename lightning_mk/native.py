@@ -7,7 +7,8 @@ data movement. The kernel decodes the draw block by block (bit for bit that of
 copy in the forward and writes the gradient's one-hot rows in one pass in the backward. For the decoupled forms
 (the callback's default) one C++ autograd node (:func:`select_around`) also centres, scales and adds ``mu`` in the
 forward's pass and writes the stored tensor's gradient in the backward's (the stock ops' values bit for bit up to
-k = 4); the relative form's noise scale reads mu and the deviations in one pass of its own (to rounding).
+k = 4); the relative form's noise scale (to rounding) is summed in the same pass, which leaves the centred draw for a
+second pass over mu and the kernel alone to scale.
 
 It is compiled on first use with :func:`torch.utils.cpp_extension.load` (once per torch version, then cached in
 ``TORCH_EXTENSIONS_DIR``; it needs a C++ compiler and ninja) and used in CPU training, eager and compiled (one op
@@ -102,8 +103,9 @@ def select_around(stored: Tensor, state: Tensor, constant: int, c: Tensor, norma
                   grad_scale: float) -> Tensor:
     """The decoupled forms' training kernel ``mu + f (deviations[i_j, j] - center_j)`` from the stored
     ``[mu, deviations]`` (``[k + 1, *S]``), ``center`` the deviations' mean, ``i`` :func:`select`'s draw and ``f = c``
-    (one value, no gradient) times, where ``normalise``, the relative form's noise scale (:func:`normaliser`), computed
-    in a first pass; each operation rounded as the stock ops' (their values up to k = 4, the noise scale to rounding).
+    (one value, no gradient) times, where ``normalise``, the relative form's noise scale (:func:`normaliser`), summed
+    in the pass that draws; each operation rounded as the stock ops' (their values up to k = 4, the noise scale to
+    rounding).
     Its autograd node (C++, with its own copy of ``state``) writes the stored tensor's gradient in one pass:
     ``g + decay mu`` for ``mu`` (``decay`` None: ``g``) and ``grad_scale f g (onehot_i - 1/k)`` for deviation ``i``."""
     return torch.ops.lightning_mk.select_around(stored, state, constant, c, normalise, decay, grad_scale)

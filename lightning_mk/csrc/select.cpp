@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -211,16 +212,22 @@ at::Tensor select_backward(const at::Tensor& grad, const at::Tensor& state, int6
   return out;
 }
 
-// out = (out - center) * factor + mu, each operation rounded to T (the loops are functions of restrict pointers,
-// which the compiler vectorises)
+// out = out - center and out = out * factor + mu, each operation rounded to T: together the decoupled forms' kernel
+// (mu + f (deviation - center)) from the drawn deviation (the loops are functions of restrict pointers, which the
+// compiler vectorises)
 template <typename T>
 VECTORISED
-void around(T* __restrict__ out, const T* __restrict__ center, const T* __restrict__ mu, at::opmath_type<T> factor,
-            int64_t m) {
+void minus_center(T* __restrict__ out, const T* __restrict__ center, int64_t m) {
+  using acc = at::opmath_type<T>;
+  for (int64_t t = 0; t < m; ++t) out[t] = static_cast<T>(static_cast<acc>(out[t]) - static_cast<acc>(center[t]));
+}
+
+template <typename T>
+VECTORISED
+void scale_add(T* __restrict__ out, const T* __restrict__ mu, at::opmath_type<T> factor, int64_t m) {
   using acc = at::opmath_type<T>;
   for (int64_t t = 0; t < m; ++t) {
-    const T offset = static_cast<T>(static_cast<acc>(out[t]) - static_cast<acc>(center[t]));
-    const T scaled = static_cast<T>(static_cast<acc>(offset) * factor);
+    const T scaled = static_cast<T>(static_cast<acc>(out[t]) * factor);
     out[t] = static_cast<T>(static_cast<acc>(scaled) + static_cast<acc>(mu[t]));
   }
 }
@@ -260,17 +267,45 @@ double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n
       return static_cast<acc>(row[t]);
   };
   acc lanes[LANES] = {};
-  for (int64_t r = 0; r < k; ++r) {
-    const T* __restrict__ row = x + r * n + j0;
-    int64_t t = 0;
-    for (; t + LANES <= m; t += LANES)
-      for (int64_t l = 0; l < LANES; ++l) {
-        const acc v = value(row, t + l);
-        lanes[l] += v * v;
+  if constexpr (std::is_same_v<T, acc>) {  // float, double: the lanes as one vector (the loop below is not vectorised)
+    typedef acc lanes_t __attribute__((vector_size(LANES * sizeof(acc))));
+    lanes_t sum = {};
+    for (int64_t r = 0; r < k; ++r) {
+      const T* row = x + r * n + j0;
+      int64_t t = 0;
+      for (; t + LANES <= m; t += LANES) {
+        lanes_t v;
+        std::memcpy(&v, row + t, sizeof v);
+        if constexpr (CENTERED) {
+          lanes_t c;
+          std::memcpy(&c, mid + t, sizeof c);
+          v = v - c;
+        }
+        sum += v * v;
       }
-    for (; t < m; ++t) {
-      const acc v = value(row, t);
-      lanes[t % LANES] += v * v;
+      if (t < m) {
+        std::memcpy(lanes, &sum, sizeof sum);
+        for (; t < m; ++t) {
+          const acc v = value(row, t);
+          lanes[t % LANES] += v * v;
+        }
+        std::memcpy(&sum, lanes, sizeof sum);
+      }
+    }
+    std::memcpy(lanes, &sum, sizeof sum);
+  } else {
+    for (int64_t r = 0; r < k; ++r) {
+      const T* __restrict__ row = x + r * n + j0;
+      int64_t t = 0;
+      for (; t + LANES <= m; t += LANES)
+        for (int64_t l = 0; l < LANES; ++l) {
+          const acc v = value(row, t + l);
+          lanes[l] += v * v;
+        }
+      for (; t < m; ++t) {
+        const acc v = value(row, t);
+        lanes[t % LANES] += v * v;
+      }
     }
   }
   double total = 0;
@@ -330,9 +365,9 @@ at::Tensor normaliser(const at::Tensor& mu, const at::Tensor& rows, const at::Te
 
 // The decoupled forms' training kernel from the stored [mu, deviations] ([k + 1, *S]): mu_j + f (deviations[i_j, j] -
 // center_j), center their mean (block_center), f = c, times the relative form's noise scale where normalise (the
-// deviations' and mu's squares read in a first pass), each operation rounded to the dtype as the stock ops'
-// (_mean, sub_, mul_, add_): their values up to k = 4 (the noise scale to rounding), in one pass for the kernel rather
-// than five. Returns the kernel and f (one value of the dtype, for the gradient).
+// deviations' and mu's squares summed in the same pass as the draw), each operation rounded to the dtype as the stock
+// ops' (_mean, sub_, mul_, add_): their values up to k = 4 (the noise scale to rounding), in one pass over the rows
+// rather than five. Returns the kernel and f (one value of the dtype, for the gradient).
 std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, const at::Tensor& state,
                                                      int64_t constant, const at::Tensor& c, bool normalise) {
   TORCH_CHECK(stored.dim() >= 1 && stored.size(0) >= 2, "select: stored must be [k + 1, *S] with k >= 1, got ",
@@ -350,31 +385,38 @@ std::pair<at::Tensor, at::Tensor> select_around_impl(const at::Tensor& stored, c
     using U = bits_of<T>;
     const T* x = src.const_data_ptr<T>();
     const T* m0 = base.const_data_ptr<T>();
-    if (normalise) {
-      std::vector<double> sizes(count), spreads(count);
-      at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
-        T mid[BLOCK];
-        for (int64_t b = begin; b < end; ++b) {
-          const int64_t j0 = b * BLOCK, m = std::min(BLOCK, n - j0);
-          block_center<T>(x, k, n, j0, m, mid);
-          sizes[b] = block_squares<T, false>(m0, nullptr, 1, n, j0, m);
-          spreads[b] = block_squares<T, true>(x, mid, k, n, j0, m);
-        }
-      });
-      double size = 0, spread = 0;
-      for (int64_t b = 0; b < count; ++b) size += sizes[b], spread += spreads[b];
-      const T scale = static_cast<T>(scale_of(size, spread, k, n));  // the stock ops' c = level * scale, in T
-      factor = at::scalar_tensor(static_cast<acc>(factor.item<T>()) * static_cast<acc>(scale), factor.options());
-    }
-    const acc f = factor.item<acc>();
     T* dst = out.mutable_data_ptr<T>();
+    // normalise: every element's squares come before any element's value (they give f), so the pass over the rows
+    // leaves the centred draw in out and a second pass, over out and mu alone, scales it and adds mu (rather than
+    // reading the rows twice); else one pass
+    std::vector<double> sizes(normalise ? count : 0), spreads(normalise ? count : 0);
+    const acc given = factor.item<acc>();
     blocks(d, n, [&](int64_t j0, int64_t m, const uint32_t* idx) {
       T mid[BLOCK];
       T* __restrict__ o = dst + j0;
       block_center<T>(x, k, n, j0, m, mid);
       blend<U>(reinterpret_cast<const U*>(x), reinterpret_cast<U*>(o), idx, k, n, j0, m);
-      around<T>(o, mid, m0 + j0, f, m);
+      minus_center<T>(o, mid, m);
+      if (normalise) {
+        sizes[j0 / BLOCK] = block_squares<T, false>(m0, nullptr, 1, n, j0, m);
+        spreads[j0 / BLOCK] = block_squares<T, true>(x, mid, k, n, j0, m);
+      } else {
+        scale_add<T>(o, m0 + j0, given, m);
+      }
     });
+    if (normalise) {
+      double size = 0, spread = 0;
+      for (int64_t b = 0; b < count; ++b) size += sizes[b], spread += spreads[b];
+      const T scale = static_cast<T>(scale_of(size, spread, k, n));  // the stock ops' c = level * scale, in T
+      factor = at::scalar_tensor(static_cast<acc>(factor.item<T>()) * static_cast<acc>(scale), factor.options());
+      const acc f = factor.item<acc>();
+      at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t j0 = b * BLOCK;
+          scale_add<T>(dst + j0, m0 + j0, f, std::min(BLOCK, n - j0));
+        }
+      });
+    }
   });
   return {out, factor};
 }

@@ -17,7 +17,9 @@ fullgraph=True)`` (inductor), interleaved. ``--family``: the same for plain, the
 default), DO-Conv and ExpandNets at k = 4, with each one's peak extra memory. ``--phases``: the median forward,
 backward and optimizer time of plain, the floor, the floor paid through ``torch.nn.utils.parametrize``
 (``parametrized floor``), ``select`` and the default at k = 4, interleaved (each phase timed on its own, no
-profiler). ``--profile MODEL VARIANT``: the top operators of 10 eager steps of one variant (torch.profiler), to
+profiler). ``--layers``: for the same variants, the median forward time of each layer with a kernel (reading the
+kernel, i.e. the draw, and the layer's op) and of the whole forward, timed by forward hooks in whole training
+steps. ``--profile MODEL VARIANT``: the top operators of 10 eager steps of one variant (torch.profiler), to
 see where its time goes. ``--device cuda``: the same on a GPU (each step
 synchronised; peak memory from ``torch.cuda.max_memory_allocated``), written as ``overhead-*-cuda.md``. Denormal
 floats are flushed to zero (``torch.set_flush_denormal``), so that no step time depends on the data.
@@ -171,20 +173,55 @@ def parametrized_floor(model_name: str, k: int) -> nn.Module:
     return model
 
 
-def phases(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
-    """Median forward, backward and optimizer time of plain, the floor, :func:`parametrized_floor`, ``select`` and the
-    callback's default at ``k``, interleaved after warm-up."""
+def _against_floors(model_name: str, optimizer: str, k: int) -> dict[str, Variant]:
+    """Plain, the floor, :func:`parametrized_floor`, ``select`` and the callback's default at ``k``."""
     shape = MODELS[model_name][1]
     made = dict(variants(model_name, optimizer))
     made[f"parametrized floor k={k}"] = lambda: Variant(f"parametrized floor k={k}", parametrized_floor(model_name, k), optimizer, shape)
     wanted = ["plain", f"floor k={k}", f"parametrized floor k={k}", f"mk select k={k}", f"mk default k={k}"]
-    runs = {name: made[name]() for name in wanted}
+    return {name: made[name]() for name in wanted}
+
+
+def phases(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
+    """Median forward, backward and optimizer time of :func:`_against_floors`' variants, interleaved after warm-up."""
+    runs = _against_floors(model_name, optimizer, k)
     interleave(runs.values(), steps, rounds, phases=True)
     rows = []
     for name, v in runs.items():
         medians = [statistics.median(column) * 1000 for column in zip(*v.phases)]
         rows.append(f"| {model_name} | {name} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {sum(medians):.2f} |")
     return rows
+
+
+def layer_times(model_name: str, optimizer: str, steps: int, rounds: int, k: int = 4) -> list[str]:
+    """Median forward time, in microseconds, of each layer with a kernel (from its forward pre-hook to its forward hook:
+    reading the kernel, i.e. the parametrization and the draw, and the layer's own op) and of the whole forward (the
+    draw-step hook included), in training steps of :func:`_against_floors`' variants, interleaved after warm-up."""
+    runs = _against_floors(model_name, optimizer, k)
+    types = tuple(t for t in resolve_layer_types(None) if isinstance(t, type))  # (not those named by a string)
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
+
+    def timed(into: dict, label: str, module: nn.Module, prepend: bool = False) -> None:
+        def start(*_) -> None:
+            _sync()
+            module._timer = time.perf_counter()
+
+        def stop(*_) -> None:
+            _sync()
+            into.setdefault(label, []).append(time.perf_counter() - module._timer)
+
+        module.register_forward_pre_hook(start, prepend=prepend)
+        module.register_forward_hook(stop)
+
+    for name, v in runs.items():
+        for label, layer in v.model.named_modules():
+            if isinstance(layer, types):  # a layer its parent calls through its own forward (not attention's out_proj)
+                timed(times[name], label, layer)
+        timed(times[name], "whole forward", v.model, prepend=True)
+    interleave(runs.values(), steps, rounds)
+    labels = [label for label in times["plain"] if label != "whole forward"] + ["whole forward"]
+    return [f"| {model_name} | {label} | " + " | ".join(f"{statistics.median(times[name][label]) * 1e6:.1f}" for name in runs)
+            + " |" for label in labels]
 
 
 def interleave(runs, steps: int, rounds: int, phases: bool = False) -> None:
@@ -342,6 +379,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="only time torch.compile (inductor) against eager, k=4")
     parser.add_argument("--family", action="store_true", help="as --compile, for MK, DO-Conv and ExpandNets, with memory")
     parser.add_argument("--phases", action="store_true", help="only forward, backward and optimizer medians, k=4")
+    parser.add_argument("--layers", action="store_true", help="only each layer's forward time, as --phases' variants")
     parser.add_argument("--latency", action="store_true", help="only the collapse and inference-latency part")
     parser.add_argument("--profile", nargs=2, metavar=("MODEL", "VARIANT"), help='e.g. mlp "mk select k=4"')
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -378,6 +416,15 @@ def main() -> None:
             lines += rows
             print("\n".join(rows), flush=True)
         return _write(args, "phases", lines)
+    if args.layers:
+        lines += ["Median forward time of each layer with a kernel (reading the kernel, i.e. the draw, and the layer's "
+                  "op) and of the whole forward, in microseconds; k = 4.", "",
+                  "| model | layer | plain | floor | parametrized floor | `select` | default |", "|---|---|--:|--:|--:|--:|--:|"]
+        for model_name in args.models:
+            rows = layer_times(model_name, args.optimizer, args.steps, args.rounds)
+            lines += rows
+            print("\n".join(rows), flush=True)
+        return _write(args, "layers", lines)
     if args.compile or args.family:
         lines += [
             "| model | variant | eager (ms) | compiled (ms) | eager / plain eager | compiled / plain compiled |"

@@ -46,12 +46,13 @@ def seed_of(*ints: int) -> int:
 class Draws(nn.Module):
     """The seed, draw counter and noise level shared by all kernels of one model.
 
-    The counter, its hash (the ``state`` every kernel's :class:`~lightning_mk.schemes.Random` starts
-    from, computed once per step rather than once per kernel) and the noise level are 0-dim buffers (not
-    saved in the module's state: the handle's and the callback's ``state_dict`` hold them) that move with
-    the module and are updated in place, so a compiled forward reads them as inputs rather than guarding
-    on their values. As a forward pre-hook on the root module it advances the counter once per training
-    forward; the Lightning callback instead sets ``step`` itself once per optimizer step. ``noise`` (>= 0)
+    The step's hash (the ``state`` every kernel's :class:`~lightning_mk.schemes.Random` starts from, computed
+    once per step rather than once per kernel) and the noise level are 0-dim buffers (not saved in the module's
+    state: the handle's and the callback's ``state_dict`` hold them, and the step) that move with the module and
+    are updated in place, so a compiled forward reads them as inputs rather than guarding on their values. The
+    step itself is a Python int: the hash is computed on the host and written with one ``fill_`` (no device
+    sync, no tensor ops per step). As a forward pre-hook on the root module it advances the step once per
+    training forward; the Lightning callback instead sets ``step`` itself once per optimizer step. ``noise`` (>= 0)
     scales each draw's deviation from the eval-mode kernel (1: the scheme's draw, 0: the eval-mode kernel
     itself); the callback sets it every step (and anneals it). ``rank`` (None: every process draws the
     same) gives each data-parallel process its own draws.
@@ -61,8 +62,9 @@ class Draws(nn.Module):
         super().__init__()
         self.seed = int(settings.seed)
         self.rank = None if rank is None else int(rank)
-        self.register_buffer("counter", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("state", Random.state_of(self.counter), persistent=False)  # the kernels' Random state
+        self._step = 0
+        state = torch.tensor(Random.state_of(0), dtype=torch.int64, device=device)
+        self.register_buffer("state", state, persistent=False)  # the kernels' Random state
         self.batch = Batch()  # the kernels' small draws, hashed together each step
         self.register_buffer("level", torch.ones((), device=device), persistent=False)
         self._noise = 1.0  # the level as given (the buffer holds it in the kernels' precision)
@@ -72,17 +74,13 @@ class Draws(nn.Module):
 
     @property
     def step(self) -> int:
-        return int(self.counter)
+        return self._step
 
     @step.setter
     def step(self, value: int) -> None:
+        self._step = int(value)
         with torch.no_grad():
-            self.counter.fill_(int(value))
-        self._hash_counter()
-
-    def _hash_counter(self) -> None:
-        with torch.no_grad():
-            self.state.copy_(Random.state_of(self.counter))
+            self.state.fill_(Random.state_of(self._step))
         self.batch.advance()
 
     @property
@@ -98,15 +96,13 @@ class Draws(nn.Module):
         self.noisy = self.noisy or self._noise != 1.0
 
     def key(self, index: int) -> int:
-        """The 32-bit draw key of kernel ``index`` (its draws at each step are keyed by this and the counter)."""
+        """The 32-bit draw key of kernel ``index`` (its draws at each step are keyed by this and the step)."""
         ints = (self.seed, index) if self.rank is None else (self.seed, index, self.rank)
         return seed_of(*ints) & 0xFFFFFFFF
 
     def forward(self, module: nn.Module, args: tuple) -> None:  # outside compiled graphs: see compile_boundaries
         if module.training:
-            with torch.no_grad():
-                self.counter.add_(1)
-            self._hash_counter()
+            self.step = self._step + 1
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -83,10 +83,10 @@ class Random:
         self.calls = 0
 
     @staticmethod
-    def state_of(step: Tensor) -> Tensor:
-        """The state of draw position ``step`` (a 0-dim int64 tensor): its hash, so that neighbouring
-        steps draw unrelated numbers."""
-        return _mix(step & _M)
+    def state_of(step: Union[int, Tensor]) -> Union[int, Tensor]:
+        """The state of draw position ``step`` (an int, or a 0-dim int64 tensor: the same value): its hash, so
+        that neighbouring steps draw unrelated numbers."""
+        return _mix_int(step & _M) if isinstance(step, int) else _mix(step & _M)
 
     def stream(self) -> int:
         """The next request's stream constant: its numbers are those of the stream ``state ^ constant``."""

@@ -362,6 +362,20 @@ def test_noise_level_scales_the_draws_deviation_from_the_mean(scheme):
     torch.testing.assert_close(model.layer.weight, mean, rtol=0, atol=0)
 
 
+def test_the_draw_state_is_the_steps_hash_however_the_step_is_set():
+    """The state is hashed on the host (one fill per step); it is the tensor hash of the step, which compiled graphs
+    and earlier versions' draws used, for any step (negative ones and ones past 32 bits too)."""
+    model, x = build("Linear")
+    handle = apply_majority_kernels(model, k=4)
+    for step in (0, 1, 7, 2**32 + 3, -5):
+        handle.step = step
+        assert handle.step == step
+        assert int(handle.draws.state) == int(Random.state_of(torch.tensor(step))) == Random.state_of(step)
+    model.train()
+    model(x)  # the draw-step hook: one step on
+    assert handle.step == -4 and int(handle.draws.state) == Random.state_of(-4)
+
+
 def test_rank_gives_each_process_its_own_draws():
     sampled = {}
     for rank in (None, 0, 1):

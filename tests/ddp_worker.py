@@ -86,4 +86,5 @@ level = cb.control.state_dict() if gap else None
 torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames, "level": level,
             "recalibrations": recalibrations},
            os.path.join(out, f"rank{trainer.global_rank}.pt"))
+torch.distributed.barrier()  # every rank tears down together (one still saving while another destroys can abort)
 torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

@@ -131,4 +131,5 @@ torch.save(
     os.path.join(out, f"rank{t.global_rank}.pt"),
 )
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # every rank tears down together (one still saving while another destroys can abort)
     torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)

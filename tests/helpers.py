@@ -73,6 +73,17 @@ class GeneralisingWithNorms(NormModule):
     on_validation_epoch_end = Generalising.on_validation_epoch_end
 
 
+class TearDownTogether(pl.Callback):
+    """At the end of a multi-process fit every rank waits for the others, then destroys the process group: Lightning
+    destroys it at exit for NCCL only, and gloo's threads left to interpreter exit can abort a worker (SIGABRT,
+    "terminate called without an active exception"). Put it after the callbacks under test (teardown runs last)."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_initialized():
+            trainer.strategy.barrier()
+            torch.distributed.destroy_process_group()
+
+
 def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)

@@ -82,14 +82,14 @@ def test_a_checkpoint_is_the_deployed_model_for_plain_code_and_resumes_exactly(t
 def test_ddp_spawn_hands_the_trained_model_back_to_the_main_process(tmp_path, collapse_module):
     code = f"""
 import torch
-from helpers import TinyModule, loader, trainer
+from helpers import TearDownTogether, TinyModule, loader, trainer
 from lightning_mk import MajorityKernelCallback
 
 if __name__ == "__main__":
     model = TinyModule()
     initial = {{key: value.clone() for key, value in model.state_dict().items()}}
     cb = MajorityKernelCallback.published(k=3, save_path={str(tmp_path / "small.pt")!r}, collapse_module={collapse_module})
-    trainer({str(tmp_path)!r}, max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[cb]).fit(model, loader())
+    trainer({str(tmp_path)!r}, max_epochs=2, devices=2, strategy="ddp_spawn", callbacks=[cb, TearDownTogether()]).fit(model, loader())
     torch.save({{"initial": initial, "after": model.state_dict()}}, {str(tmp_path / "main.pt")!r})
 """
     script = tmp_path / "spawn.py"

@@ -267,12 +267,13 @@ double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n
       return static_cast<acc>(row[t]);
   };
   acc lanes[LANES] = {};
-  if constexpr (std::is_same_v<T, acc>) {  // float, double: the lanes as one vector (the loop below is not vectorised)
-    typedef acc lanes_t __attribute__((vector_size(LANES * sizeof(acc))));
-    lanes_t sum = {};
-    for (int64_t r = 0; r < k; ++r) {
-      const T* row = x + r * n + j0;
-      int64_t t = 0;
+  for (int64_t r = 0; r < k; ++r) {
+    const T* __restrict__ row = x + r * n + j0;
+    int64_t t = 0;
+    if constexpr (std::is_same_v<T, acc>) {  // float, double: the lanes as one vector (the loop below is not vectorised)
+      typedef acc lanes_t __attribute__((vector_size(LANES * sizeof(acc))));
+      lanes_t sum;
+      std::memcpy(&sum, lanes, sizeof sum);
       for (; t + LANES <= m; t += LANES) {
         lanes_t v;
         std::memcpy(&v, row + t, sizeof v);
@@ -283,29 +284,17 @@ double block_squares(const T* x, const T* __restrict__ mid, int64_t k, int64_t n
         }
         sum += v * v;
       }
-      if (t < m) {
-        std::memcpy(lanes, &sum, sizeof sum);
-        for (; t < m; ++t) {
-          const acc v = value(row, t);
-          lanes[t % LANES] += v * v;
-        }
-        std::memcpy(&sum, lanes, sizeof sum);
-      }
-    }
-    std::memcpy(lanes, &sum, sizeof sum);
-  } else {
-    for (int64_t r = 0; r < k; ++r) {
-      const T* __restrict__ row = x + r * n + j0;
-      int64_t t = 0;
+      std::memcpy(lanes, &sum, sizeof sum);
+    } else {
       for (; t + LANES <= m; t += LANES)
         for (int64_t l = 0; l < LANES; ++l) {
           const acc v = value(row, t + l);
           lanes[l] += v * v;
         }
-      for (; t < m; ++t) {
-        const acc v = value(row, t);
-        lanes[t % LANES] += v * v;
-      }
+    }
+    for (; t < m; ++t) {
+      const acc v = value(row, t);
+      lanes[t % LANES] += v * v;
     }
   }
   double total = 0;

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import ConvModule, NormModule, TinyModule, loader, trainer  # noqa: E402
+from helpers import ConvModule, NormModule, TinyModule, loader, tear_down_together, trainer  # noqa: E402
 
 from lightning_mk import MajorityKernelCallback, NormStatistics  # noqa: E402
 
@@ -86,5 +86,4 @@ level = cb.control.state_dict() if gap else None
 torch.save({"sampled": model.sampled, "params": params, "writes": len(writes), "frames": frames.frames, "level": level,
             "recalibrations": recalibrations},
            os.path.join(out, f"rank{trainer.global_rank}.pt"))
-torch.distributed.barrier()  # every rank tears down together (one still saving while another destroys can abort)
-torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)
+tear_down_together()

@@ -73,15 +73,21 @@ class GeneralisingWithNorms(NormModule):
     on_validation_epoch_end = Generalising.on_validation_epoch_end
 
 
+def tear_down_together() -> None:
+    """Every rank waits for the others, then destroys the process group (if there is one): gloo's threads left to
+    interpreter exit can abort a worker (SIGABRT, "terminate called without an active exception"), and so can one
+    rank destroying the group while another still works. Lightning destroys it at exit for NCCL only."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 class TearDownTogether(pl.Callback):
-    """At the end of a multi-process fit every rank waits for the others, then destroys the process group: Lightning
-    destroys it at exit for NCCL only, and gloo's threads left to interpreter exit can abort a worker (SIGABRT,
-    "terminate called without an active exception"). Put it after the callbacks under test (teardown runs last)."""
+    """:func:`tear_down_together` at the end of a fit, for workers whose script does not run after it (``ddp_spawn``).
+    Put it after the callbacks under test (teardown runs last)."""
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if torch.distributed.is_initialized():
-            trainer.strategy.barrier()
-            torch.distributed.destroy_process_group()
+        tear_down_together()
 
 
 def loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:

@@ -31,7 +31,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import TinyModule, loader, trainer  # noqa: E402
+from helpers import TinyModule, loader, tear_down_together, trainer  # noqa: E402
 
 import lightning_mk.callback  # noqa: E402
 from lightning_mk import MajorityKernelCallback, kernel_copies  # noqa: E402
@@ -130,6 +130,4 @@ torch.save(
      "held": held, "spread": t.callback_metrics["mk/spread"].item(), "frames": model.frames, "gathers": len(full_states)},
     os.path.join(out, f"rank{t.global_rank}.pt"),
 )
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()  # every rank tears down together (one still saving while another destroys can abort)
-    torch.distributed.destroy_process_group()  # gloo threads left to interpreter exit can abort the process (SIGABRT)
+tear_down_together()
